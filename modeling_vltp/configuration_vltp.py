@@ -1,0 +1,138 @@
+"""Configurations of VLTP models.
+
+This file imports only from transformers and, relatively, from the other model files: it is copied to the Hub
+next to the weights so that `trust_remote_code=True` works without this package installed.
+"""
+
+from transformers import SamVisionConfig
+
+
+def _sam_vision_preset(hidden_size, num_hidden_layers, num_attention_heads, global_attn_indexes):
+    return {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "global_attn_indexes": global_attn_indexes,
+        "mlp_dim": 4 * hidden_size,
+    }
+
+
+# The three image encoders of Segment Anything, as `facebook/sam-vit-{base,large,huge}` define them.
+SAM_VISION_PRESETS = {
+    "vit_b": _sam_vision_preset(768, 12, 12, [2, 5, 8, 11]),
+    "vit_l": _sam_vision_preset(1024, 24, 16, [5, 11, 17, 23]),
+    "vit_h": _sam_vision_preset(1280, 32, 16, [7, 15, 23, 31]),
+}
+
+
+class VLTPVisionConfig(SamVisionConfig):
+    r"""
+    Configuration of [`VLTPSamVisionModel`]: SAM's ViT image encoder ([`SamVisionConfig`], whose fields it keeps) with
+    VLTP's prune decoder inserted after chosen layers.
+
+    Pruning fields:
+
+    prune_layers (`list[int]`, *optional*):
+        1-based layer numbers after which a pruning stage starts, strictly increasing, each in
+        `[1, num_hidden_layers - 1]`. `[16, 24]` on ViT-H means that layers 17-24 and 25-32 run on kept tokens only.
+        Defaults to the layers after the 2nd and 3rd global-attention layer (the paper's choice), or to no pruning
+        when the encoder has fewer than three global-attention layers.
+    prune_rates (`list[float]`, *optional*):
+        The pruning rate r_m of each stage, `0 <= r < 1`: stage m keeps `N - round(r_m * N)` of the N tokens.
+        Defaults to 0.5 for every stage. [`VLTPSamVisionModel.forward`] can override them per call.
+    guidance_dim (`int`, *optional*, defaults to 256):
+        Width of the guidance embedding (the projected `[SEG]` hidden state of the multimodal LLM).
+    prune_decoder_hidden_size (`int`, *optional*, defaults to 256):
+        Width d of the prune decoder; its neck reduces the ViT width D to d.
+    prune_decoder_num_hidden_layers (`int`, *optional*, defaults to 2):
+        Number of two-way attention blocks of the prune decoder.
+    prune_decoder_num_attention_heads (`int`, *optional*, defaults to 8):
+        Attention heads of the prune decoder.
+    prune_decoder_mlp_dim (`int`, *optional*, defaults to 2048):
+        Hidden width of the prune decoder's MLPs.
+    prune_decoder_attention_downsample_rate (`int`, *optional*, defaults to 2):
+        Inner-width reduction of the prune decoder's cross-attentions (as in SAM's mask decoder).
+    prune_decoder_initializer_range (`float`, *optional*, defaults to 0.02):
+        Standard deviation of the prune decoder's initial weights (SAM's own `initializer_range` is 1e-10, which
+        would leave a freshly initialised prune decoder without signal).
+    prune_temperature (`float`, *optional*, defaults to 1.0):
+        Temperature of the sigmoid that smooths the top-k selection of Eq. 11 during training.
+
+    Example:
+
+    ```python
+    >>> from modeling_vltp import VLTPVisionConfig, VLTPSamVisionModel
+
+    >>> config = VLTPVisionConfig.vit_h()  # prunes after layers 16 and 24 at rate 0.5, as in the paper
+    >>> model = VLTPSamVisionModel(config)
+    ```
+    """
+
+    model_type = "vltp_sam_vision"
+
+    prune_layers: list[int] | None = None
+    prune_rates: list[float] | None = None
+    guidance_dim: int = 256
+    prune_decoder_hidden_size: int = 256
+    prune_decoder_num_hidden_layers: int = 2
+    prune_decoder_num_attention_heads: int = 8
+    prune_decoder_mlp_dim: int = 2048
+    prune_decoder_attention_downsample_rate: int = 2
+    prune_decoder_initializer_range: float = 0.02
+    prune_temperature: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        if self.prune_layers is None:
+            global_layers = sorted(self.global_attn_indexes)
+            # 0-based global layer g is 1-based layer g + 1: the stage starts right after it.
+            self.prune_layers = [g + 1 for g in global_layers[1:3]] if len(global_layers) >= 3 else []
+        self.prune_layers = [int(layer) for layer in self.prune_layers]
+        if self.prune_rates is None:
+            self.prune_rates = [0.5] * len(self.prune_layers)
+        self.prune_rates = [float(rate) for rate in self.prune_rates]
+        super().__post_init__(**kwargs)
+        self.validate_pruning()
+
+    def validate_pruning(self):
+        """Raise `ValueError` naming the field if `prune_layers` / `prune_rates` are not a valid pruning plan."""
+        layers, rates = list(self.prune_layers), list(self.prune_rates)
+        if any(not 1 <= layer <= self.num_hidden_layers - 1 for layer in layers):
+            raise ValueError(
+                f"prune_layers must be 1-based layer numbers in [1, {self.num_hidden_layers - 1}] (a stage starts "
+                f"after that layer and needs at least one layer to run), got {layers}."
+            )
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"prune_layers must be strictly increasing (sorted, no duplicates), got {layers}.")
+        check_prune_rates(rates, len(layers))
+        if self.prune_decoder_hidden_size % self.prune_decoder_num_attention_heads:
+            raise ValueError(
+                f"prune_decoder_hidden_size ({self.prune_decoder_hidden_size}) must be divisible by "
+                f"prune_decoder_num_attention_heads ({self.prune_decoder_num_attention_heads})."
+            )
+
+    @classmethod
+    def vit_b(cls, **kwargs) -> "VLTPVisionConfig":
+        """SAM ViT-B with the paper's pruning: after layers 6 and 9, rate 0.5 each."""
+        return cls(**{**SAM_VISION_PRESETS["vit_b"], "prune_layers": [6, 9], "prune_rates": [0.5, 0.5], **kwargs})
+
+    @classmethod
+    def vit_l(cls, **kwargs) -> "VLTPVisionConfig":
+        """SAM ViT-L with the paper's pruning: after layers 12 and 18, rate 0.5 each."""
+        return cls(**{**SAM_VISION_PRESETS["vit_l"], "prune_layers": [12, 18], "prune_rates": [0.5, 0.5], **kwargs})
+
+    @classmethod
+    def vit_h(cls, **kwargs) -> "VLTPVisionConfig":
+        """SAM ViT-H with the paper's pruning: after layers 16 and 24, rate 0.5 each."""
+        return cls(**{**SAM_VISION_PRESETS["vit_h"], "prune_layers": [16, 24], "prune_rates": [0.5, 0.5], **kwargs})
+
+
+def check_prune_rates(rates, num_stages: int, name: str = "prune_rates"):
+    """Raise `ValueError` unless `rates` holds one rate in [0, 1) per pruning stage."""
+    rates = list(rates)
+    if len(rates) != num_stages:
+        raise ValueError(f"{name} must give one rate per pruning stage ({num_stages}), got {len(rates)}: {rates}.")
+    if any(not 0.0 <= float(rate) < 1.0 for rate in rates):
+        raise ValueError(f"{name} must each be in [0, 1), got {rates}.")
+
+
+__all__ = ["VLTPVisionConfig", "SAM_VISION_PRESETS"]
