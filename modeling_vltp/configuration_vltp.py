@@ -35,8 +35,8 @@ class VLTPVisionConfig(SamVisionConfig):
     prune_layers (`list[int]`, *optional*):
         1-based layer numbers after which a pruning stage starts, strictly increasing, each in
         `[1, num_hidden_layers - 1]`. `[16, 24]` on ViT-H means that layers 17-24 and 25-32 run on kept tokens only.
-        Defaults to the layers after the 2nd and 3rd global-attention layer (the paper's choice), or to no pruning
-        when the encoder has fewer than three global-attention layers.
+        Defaults to the layers after the 2nd and 3rd global-attention layer (the paper's choice), leaving out a layer
+        that has no layer after it; no pruning when the encoder has fewer than three global-attention layers.
     prune_rates (`list[float]`, *optional*):
         The pruning rate r_m of each stage, `0 <= r < 1`: stage m keeps `N - round(r_m * N)` of the N tokens.
         Defaults to 0.5 for every stage. [`VLTPSamVisionModel.forward`] can override them per call.
@@ -85,11 +85,14 @@ class VLTPVisionConfig(SamVisionConfig):
         if self.prune_layers is None:
             global_layers = sorted(self.global_attn_indexes)
             # 0-based global layer g is 1-based layer g + 1: the stage starts right after it.
-            self.prune_layers = [g + 1 for g in global_layers[1:3]] if len(global_layers) >= 3 else []
+            paper_layers = [g + 1 for g in global_layers[1:3]] if len(global_layers) >= 3 else []
+            self.prune_layers = [layer for layer in paper_layers if layer < self.num_hidden_layers]
         self.prune_layers = [int(layer) for layer in self.prune_layers]
         if self.prune_rates is None:
             self.prune_rates = [0.5] * len(self.prune_layers)
         self.prune_rates = [float(rate) for rate in self.prune_rates]
+        # A SAM checkpoint's config says "sam_vision_model"; once read into this class it is ours.
+        kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
         self.validate_pruning()
 
