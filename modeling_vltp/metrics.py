@@ -1,0 +1,96 @@
+"""Task-oriented segmentation metrics as RIO / COCO-Tasks are reported by LISA and VLTP.
+
+For sample i with predicted mask P_i and target mask G_i, I_i = |P_i and G_i|, U_i = |P_i or G_i|:
+
+* ``gIoU``: mean over samples of I_i / U_i (LISA's "gIoU"; PolyFormer's per-sample "mIoU").
+* ``cIoU``: sum of I_i over sum of U_i (LISA's "cIoU", PolyFormer's "oIoU").
+* ``mIoU_tasks`` (with ``task_ids``): the cIoU of each task, averaged over tasks; VLTP's "mIoU" on
+  COCO-Tasks, where every task is evaluated on its own file.
+
+Empty targets: a sample whose target and prediction are both empty (U_i = 0) scores
+``empty_target_iou`` (1.0 as in LISA/VLTP; PolyFormer uses 0.0); an empty target with a non-empty
+prediction scores 0, as does a missed non-empty target. A cIoU whose total union is 0 (every target
+and prediction empty) is ``empty_target_iou`` too. About half of the COCO-Tasks test samples have an
+empty target, so this choice moves the numbers a lot.
+"""
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Hashable, Sequence
+
+import numpy as np
+
+
+def tos_metric_path() -> str:
+    """Directory of the ``evaluate`` metric module, for ``evaluate.load(tos_metric_path())`` (works offline)."""
+    return str(Path(__file__).resolve().parent / "evaluate_metrics" / "tos_iou")
+
+
+def _as_binary_mask(mask, name: str, index: int) -> np.ndarray:
+    if hasattr(mask, "detach"):  # torch.Tensor
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"{name}[{index}] must be a 2-D mask, got shape {mask.shape}")
+    if mask.dtype != bool:
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"{name}[{index}] must be binary (bool or 0/1); threshold logits or probabilities first")
+        mask = mask.astype(bool)
+    return mask
+
+
+def _iou(intersection: int, union: int, empty_target_iou: float) -> float:
+    return intersection / union if union else float(empty_target_iou)
+
+
+def compute_tos_metrics(
+    predictions: Sequence,
+    references: Sequence,
+    task_ids: Sequence[Hashable] | None = None,
+    empty_target_iou: float = 1.0,
+) -> dict:
+    """gIoU, cIoU and, given ``task_ids``, the task-averaged cIoU of binary masks.
+
+    Args:
+        predictions: one 2-D binary mask per sample (bool or 0/1; numpy, torch or nested lists), as a
+            sequence of masks of any sizes or a stacked ``(N, H, W)`` array/tensor.
+        references: the target masks, same number and per-sample shapes as ``predictions``.
+        task_ids: optional task of each sample (any hashable), for ``mIoU_tasks`` and ``per_task``.
+        empty_target_iou: IoU of a sample whose target and prediction are both empty.
+
+    Returns:
+        ``{"gIoU", "cIoU"}`` as floats, plus with ``task_ids`` ``"mIoU_tasks"`` and ``"per_task"``:
+        ``{task_id: {"gIoU", "cIoU", "num_samples"}}`` in order of first appearance.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} references")
+    if not len(references):
+        raise ValueError("no samples to evaluate")
+    if hasattr(task_ids, "tolist"):  # numpy array or tensor: hash plain Python values, not array scalars
+        task_ids = task_ids.tolist()
+    if task_ids is not None and len(task_ids) != len(references):
+        raise ValueError(f"got {len(task_ids)} task ids for {len(references)} samples")
+
+    intersections, unions = [], []
+    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+        prediction = _as_binary_mask(prediction, "predictions", index)
+        reference = _as_binary_mask(reference, "references", index)
+        if prediction.shape != reference.shape:
+            raise ValueError(f"sample {index}: prediction shape {prediction.shape} != reference shape {reference.shape}")
+        intersections.append(int(np.logical_and(prediction, reference).sum()))
+        unions.append(int(np.logical_or(prediction, reference).sum()))
+
+    def summary(indices) -> dict:
+        ious = [_iou(intersections[i], unions[i], empty_target_iou) for i in indices]
+        total = _iou(sum(intersections[i] for i in indices), sum(unions[i] for i in indices), empty_target_iou)
+        return {"gIoU": float(np.mean(ious)), "cIoU": total}
+
+    results = summary(range(len(references)))
+    if task_ids is not None:
+        samples_of_task = defaultdict(list)
+        for index, task in enumerate(task_ids):
+            samples_of_task[task].append(index)
+        per_task = {task: {**summary(indices), "num_samples": len(indices)} for task, indices in samples_of_task.items()}
+        results["mIoU_tasks"] = float(np.mean([scores["cIoU"] for scores in per_task.values()]))
+        results["per_task"] = per_task
+    return results
