@@ -14,7 +14,8 @@ from transformers import AddedToken, BatchFeature, ProcessorMixin
 SEG_TOKEN = "[SEG]"
 IMAGE_TOKEN = "<image>"
 
-# LLaVA-1.5's chat format: one user turn holding the image and the question, then the assistant's turn.
+# LLaVA-1.5's chat format: one user turn holding the image and the question, then the assistant's turn. (LISA's own
+# checkpoints were trained with the llava_v1 system sentence in front: pass it in `prompt_template` for those.)
 DEFAULT_PROMPT_TEMPLATE = f"USER: {IMAGE_TOKEN}\n{{question}} ASSISTANT:"
 # LISA's question and answer for a sentence-long query (`LONG_QUESTION_LIST`, `ANSWER_LIST` of LISA's utils).
 DEFAULT_QUESTION_TEMPLATE = "{task} Please output segmentation mask."

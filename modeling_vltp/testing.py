@@ -61,13 +61,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     Like LLaMA's, it starts every text with `<s>`; its special tokens are `<s>`, `</s>`, `<pad>`, `<unk>` and
     `<image>`, and `[SEG]` is an added token (see `add_vltp_special_tokens`). Padding is on the right.
     """
-    special_tokens = ["<unk>", "<s>", "</s>", "<pad>"]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB_SIZE,
-        special_tokens=special_tokens,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
