@@ -15,8 +15,8 @@ empty target, so this choice moves the numbers a lot.
 """
 
 from collections import defaultdict
+from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -76,7 +76,9 @@ def compute_tos_metrics(
         prediction = _as_binary_mask(prediction, "predictions", index)
         reference = _as_binary_mask(reference, "references", index)
         if prediction.shape != reference.shape:
-            raise ValueError(f"sample {index}: prediction shape {prediction.shape} != reference shape {reference.shape}")
+            raise ValueError(
+                f"sample {index}: prediction shape {prediction.shape} != reference shape {reference.shape}"
+            )
         intersections.append(int(np.logical_and(prediction, reference).sum()))
         unions.append(int(np.logical_or(prediction, reference).sum()))
 
@@ -90,7 +92,9 @@ def compute_tos_metrics(
         samples_of_task = defaultdict(list)
         for index, task in enumerate(task_ids):
             samples_of_task[task].append(index)
-        per_task = {task: {**summary(indices), "num_samples": len(indices)} for task, indices in samples_of_task.items()}
+        per_task = {
+            task: {**summary(indices), "num_samples": len(indices)} for task, indices in samples_of_task.items()
+        }
         results["mIoU_tasks"] = float(np.mean([scores["cIoU"] for scores in per_task.values()]))
         results["per_task"] = per_task
     return results

@@ -72,8 +72,11 @@ def test_stacked_arrays_tensors_and_integer_masks_agree():
     # Padding only adds pixels outside both masks, so I and U are unchanged except sample 1 (still empty).
     expected = compute_tos_metrics(PREDICTIONS, REFERENCES, task_ids=[1, 1, 2, 2])
     assert compute_tos_metrics(predictions, references, task_ids=np.array([1, 1, 2, 2])) == expected
-    tensors = compute_tos_metrics(torch.from_numpy(predictions), torch.from_numpy(references.astype(np.uint8)),
-                                  task_ids=torch.tensor([1, 1, 2, 2]))
+    tensors = compute_tos_metrics(
+        torch.from_numpy(predictions),
+        torch.from_numpy(references.astype(np.uint8)),
+        task_ids=torch.tensor([1, 1, 2, 2]),
+    )
     assert tensors == expected
 
 
@@ -108,9 +111,20 @@ def test_evaluate_module_loads_offline_and_matches(tmp_path):
         "empty_target_iou": 1.0,
     }
     # A fresh cache and no network: the module must come from the local path alone.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path),
+    }
     completed = subprocess.run(
-        [sys.executable, "-c", script], input=json.dumps(arguments), capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", script],
+        input=json.dumps(arguments),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
     from_evaluate = json.loads(completed.stdout.strip().splitlines()[-1])

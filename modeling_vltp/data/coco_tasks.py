@@ -11,8 +11,8 @@ that list is how it is recognised.
 """
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from datasets import Dataset
 
@@ -76,7 +76,7 @@ def _load_task(file: Path, task: int, sentence: str, image_root: Path, split: st
     positive_category = task - 1 if cotdet else 1
     allowed_categories = {positive_category} if cotdet else {0, 1}
 
-    images = {}  # image id -> (index in images, row without the target)
+    images = {}  # image id -> row without the target
     for index, image in enumerate(data["images"]):
         try:
             if not isinstance(image, dict):
@@ -88,8 +88,14 @@ def _load_task(file: Path, task: int, sentence: str, image_root: Path, split: st
         except InvalidFieldError as error:
             bad.add(file, f"images[{index}]", error)
             continue
-        images[image_id] = (index, {"image": path, "task": sentence, "image_id": image_id, "task_id": task,
-                                    "height": height, "width": width})
+        images[image_id] = {
+            "image": path,
+            "task": sentence,
+            "image_id": image_id,
+            "task_id": task,
+            "height": height,
+            "width": width,
+        }
 
     listed_ids = {image.get("id") for image in data["images"] if isinstance(image, dict)}
     positives = defaultdict(list)  # image id -> [(segmentation, box)]
@@ -109,20 +115,20 @@ def _load_task(file: Path, task: int, sentence: str, image_root: Path, split: st
                 continue  # the image entry itself is bad and already reported
             if category != positive_category:
                 continue
-            height, width = images[image_id][1]["height"], images[image_id][1]["width"]
+            height, width = images[image_id]["height"], images[image_id]["width"]
             segmentation = require(annotation, "segmentation", (list, dict))
             check_segmentation(segmentation, height, width, "segmentation")
             box = check_box(require(annotation, "bbox", list), height, width, "bbox")
         except InvalidFieldError as error:
             if image_id in images:
-                error = InvalidFieldError(error.field, f"{error.reason} (the sample of image {image_id} is left out)")
+                error = InvalidFieldError(error.field, f"{error.reason} (sample of image {image_id})")
                 broken.add(image_id)
             bad.add(file, f"annotations[{index}]", error)
             continue
         positives[image_id].append((segmentation, box))
 
     rows = []
-    for image_id, (_, row) in images.items():
+    for image_id, row in images.items():
         if image_id in broken:
             continue
         instances = positives[image_id]

@@ -66,7 +66,7 @@ class BadRecords:
 
 
 def read_json(path: Path):
-    """Read an annotation file; a missing file is a ``FileNotFoundError`` and bad JSON a ``ValueError``, both naming it."""
+    """Read an annotation file: ``FileNotFoundError`` if missing, ``ValueError`` if not JSON, naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
@@ -120,7 +120,9 @@ def build_dataset(rows: list[dict], files: list[Path], options: dict, title: str
         "skipped": [str(s) for s in bad.skipped],
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    dataset = Dataset.from_generator(_yield_rows, features=FEATURES, gen_kwargs={"rows": rows}, fingerprint=fingerprint)
+    dataset = Dataset.from_generator(
+        _yield_rows, features=FEATURES, gen_kwargs={"rows": rows}, fingerprint=fingerprint
+    )
     description = f"{title}: {len(rows)} samples from {', '.join(str(f) for f in files)}."
     if bad.skipped:
         details = "\n".join(str(s) for s in bad.skipped)

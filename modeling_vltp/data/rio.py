@@ -22,7 +22,9 @@ def _expression(record: dict) -> str:
     expressions = require(record, "expressions", (str, list))
     if isinstance(expressions, list):
         if len(expressions) != 1 or not isinstance(expressions[0], str):
-            raise InvalidFieldError("expressions", f"expected a string or a one-element list of strings, got {expressions!r:.80}")
+            raise InvalidFieldError(
+                "expressions", f"expected a string or a one-element list of strings, got {expressions!r:.80}"
+            )
         expressions = expressions[0]
     if not expressions.strip():
         raise InvalidFieldError("expressions", "the intention sentence is empty")
@@ -36,7 +38,9 @@ def _rio_row(record, image_folder: Path, coco_folder: str) -> dict:
     height, width = require_size(record)
     task_id = require(record, "task_id", int)
     task = _expression(record)
-    boxes = [check_box(box, height, width, f"bbox_list[{i}]") for i, box in enumerate(require(record, "bbox_list", list))]
+    boxes = [
+        check_box(box, height, width, f"bbox_list[{i}]") for i, box in enumerate(require(record, "bbox_list", list))
+    ]
     segmentations = require(record, "mask_list", list)
     for i, segmentation in enumerate(segmentations):
         check_segmentation(segmentation, height, width, f"mask_list[{i}]")
@@ -74,7 +78,9 @@ def load_rio(annotation_path, image_dir, split: str, skip_bad_records: bool = Fa
         annotation_file = annotation_file / f"RIO_{split}_all_thing.json"
     records = read_json(annotation_file)
     if not isinstance(records, list):
-        raise ValueError(f"{annotation_file}: a RIO annotation file is a JSON list of records, got {type(records).__name__}")
+        raise ValueError(
+            f"{annotation_file}: a RIO annotation file is a JSON list of records, got {type(records).__name__}"
+        )
 
     coco_folder = "train2014" if split == "train" else "val2014"
     image_folder = Path(image_dir) / coco_folder

@@ -204,7 +204,10 @@ def _shape_polygons(shape: str, cx: float, cy: float, radius: float, angle: floa
     def ring_of(radii, start=0.0, span=2 * math.pi, closed=True):
         count = len(radii)
         step = span / count if closed else span / (count - 1)
-        return [(cx + r * math.cos(angle + start + k * step), cy + r * math.sin(angle + start + k * step)) for k, r in enumerate(radii)]
+        return [
+            (cx + r * math.cos(angle + start + k * step), cy + r * math.sin(angle + start + k * step))
+            for k, r in enumerate(radii)
+        ]
 
     if shape == "ring":
         halves = []
@@ -388,7 +391,10 @@ def generate(
         scenes.append(Scene(image_id, path, background, tuple(objects)))
         images.append({"id": image_id, "file_name": file_name, "height": image_size, "width": image_size})
         annotations.append(
-            [_annotation(o, r, v, compressed=format == "rio") for o, r, v in zip(objects, rasters, _visible_regions(rasters))]
+            [
+                _annotation(o, r, v, compressed=format == "rio")
+                for o, r, v in zip(objects, rasters, _visible_regions(rasters))
+            ]
         )
 
     if format == "rio":
