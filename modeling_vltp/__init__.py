@@ -14,12 +14,26 @@ from .modeling_vltp import (
     soft_keep_mask,
     vltp_pruning_loss,
 )
+from .processing_vltp import (
+    DEFAULT_ANSWER,
+    IMAGE_TOKEN,
+    SEG_TOKEN,
+    VLTPProcessor,
+    add_vltp_special_tokens,
+    resize_embeddings_for_tokenizer,
+)
 
 AutoConfig.register(VLTPVisionConfig.model_type, VLTPVisionConfig, exist_ok=True)
 AutoModel.register(VLTPVisionConfig, VLTPSamVisionModel, exist_ok=True)
 
 __all__ = [
+    "DEFAULT_ANSWER",
+    "IMAGE_TOKEN",
     "SAM_VISION_PRESETS",
+    "SEG_TOKEN",
+    "VLTPProcessor",
+    "add_vltp_special_tokens",
+    "resize_embeddings_for_tokenizer",
     "VLTPPreTrainedModel",
     "VLTPPruneDecoder",
     "VLTPSamVisionModel",
