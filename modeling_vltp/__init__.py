@@ -1,10 +1,13 @@
 """VLTP: Vision-Language Guided Token Pruning for Task-Oriented Segmentation, for Hugging Face Transformers."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from .configuration_vltp import SAM_VISION_PRESETS, VLTPVisionConfig
+from .configuration_vltp import SAM_VISION_PRESETS, VLTPConfig, VLTPVisionConfig
 from .flops import count_gmacs
 from .modeling_vltp import (
+    VLTPForTaskSegmentation,
+    VLTPSegmentationResult,
+    VLTPTaskSegmentationOutput,
     VLTPPreTrainedModel,
     VLTPPruneDecoder,
     VLTPSamVisionModel,
@@ -25,13 +28,20 @@ from .processing_vltp import (
 
 AutoConfig.register(VLTPVisionConfig.model_type, VLTPVisionConfig, exist_ok=True)
 AutoModel.register(VLTPVisionConfig, VLTPSamVisionModel, exist_ok=True)
+AutoConfig.register(VLTPConfig.model_type, VLTPConfig, exist_ok=True)
+AutoModel.register(VLTPConfig, VLTPForTaskSegmentation, exist_ok=True)
+AutoProcessor.register(VLTPConfig, VLTPProcessor, exist_ok=True)
 
 __all__ = [
     "DEFAULT_ANSWER",
     "IMAGE_TOKEN",
     "SAM_VISION_PRESETS",
     "SEG_TOKEN",
+    "VLTPConfig",
+    "VLTPForTaskSegmentation",
     "VLTPProcessor",
+    "VLTPSegmentationResult",
+    "VLTPTaskSegmentationOutput",
     "add_vltp_special_tokens",
     "resize_embeddings_for_tokenizer",
     "VLTPPreTrainedModel",

@@ -4,7 +4,7 @@ This file imports only from transformers and, relatively, from the other model f
 next to the weights so that `trust_remote_code=True` works without this package installed.
 """
 
-from transformers import SamVisionConfig
+from transformers import LlavaConfig, PreTrainedConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
 
 def _sam_vision_preset(hidden_size, num_hidden_layers, num_attention_heads, global_attn_indexes):
@@ -138,4 +138,95 @@ def check_prune_rates(rates, num_stages: int, name: str = "prune_rates"):
         raise ValueError(f"{name} must each be in [0, 1), got {rates}.")
 
 
-__all__ = ["VLTPVisionConfig", "SAM_VISION_PRESETS"]
+class VLTPConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`VLTPForTaskSegmentation`]: LLaVA reads the image and the task and answers with `[SEG]`; the
+    projected hidden state of that answer guides the pruning inside SAM's ViT and prompts SAM's mask decoder.
+
+    llava_config (`LlavaConfig` or `dict`, *optional*):
+        The multimodal LLM (transformers' LLaVA). Defaults to LLaVA-1.5-7B's architecture.
+    vision_config (`VLTPVisionConfig` or `dict`, *optional*):
+        SAM's ViT with the prune decoder. Defaults to ViT-H pruned after layers 16 and 24 at rate 0.5.
+    prompt_encoder_config (`SamPromptEncoderConfig` or `dict`, *optional*):
+        SAM's prompt encoder (only its dense "no mask" embedding is used: the `[SEG]` embedding is the sparse prompt).
+    mask_decoder_config (`SamMaskDecoderConfig` or `dict`, *optional*):
+        SAM's mask decoder.
+    seg_token (`str`, *optional*, defaults to `"[SEG]"`):
+        The text of the segmentation token.
+    seg_token_id (`int`, *optional*):
+        Its id in the tokenizer (set when the token is added, see [`add_vltp_special_tokens`]).
+    seg_hidden_state (`str`, *optional*, defaults to `"before_seg"`):
+        Which LLM position feeds SAM: `"before_seg"` (LISA's choice: the state that predicts `[SEG]`, i.e. at the
+        position before it) or `"seg"` (the state of the `[SEG]` token itself).
+    seg_hidden_layer (`int`, *optional*, defaults to -1):
+        Which LLM layer's hidden state is taken (-1: the last, as LISA does).
+    lm_loss_weight, mask_bce_loss_weight, mask_dice_loss_weight (`float`, *optional*, defaults to 1.0, 2.0, 0.5):
+        LISA's loss weights of the language-model cross-entropy, the mask binary cross-entropy and the mask Dice loss.
+    prune_loss_weight (`float`, *optional*, defaults to 1.0):
+        Weight of the pruning loss L_P of Eq. 12 (added to the mask loss L_X as in the paper).
+    initializer_range (`float`, *optional*, defaults to 0.02):
+        Standard deviation of the initial weights of the projection and SAM's prompt encoder and mask decoder.
+    """
+
+    model_type = "vltp"
+    sub_configs = {
+        "llava_config": LlavaConfig,
+        "vision_config": VLTPVisionConfig,
+        "prompt_encoder_config": SamPromptEncoderConfig,
+        "mask_decoder_config": SamMaskDecoderConfig,
+    }
+
+    llava_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    prompt_encoder_config: dict | PreTrainedConfig | None = None
+    mask_decoder_config: dict | PreTrainedConfig | None = None
+    seg_token: str = "[SEG]"
+    seg_token_id: int | None = None
+    seg_hidden_state: str = "before_seg"
+    seg_hidden_layer: int = -1
+    lm_loss_weight: float = 1.0
+    mask_bce_loss_weight: float = 2.0
+    mask_dice_loss_weight: float = 0.5
+    prune_loss_weight: float = 1.0
+    initializer_range: float = 0.02
+    # Ties SAM's two copies of the random-Fourier positional encoding, as `SamConfig` does; LLaVA's own word
+    # embeddings follow `llava_config.tie_word_embeddings`.
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        for name, config_class in self.sub_configs.items():
+            value = getattr(self, name)
+            if value is None:
+                value = config_class.vit_h() if config_class is VLTPVisionConfig else config_class()
+            elif isinstance(value, dict):
+                value = config_class(**{k: v for k, v in value.items() if k != "model_type"})
+            setattr(self, name, value)
+        super().__post_init__(**kwargs)
+        if self.seg_hidden_state not in ("before_seg", "seg"):
+            raise ValueError(f"seg_hidden_state must be 'before_seg' or 'seg', got {self.seg_hidden_state!r}.")
+        prompt_width = self.mask_decoder_config.hidden_size
+        if self.vision_config.guidance_dim != prompt_width or self.prompt_encoder_config.hidden_size != prompt_width:
+            raise ValueError(
+                "vision_config.guidance_dim, prompt_encoder_config.hidden_size and mask_decoder_config.hidden_size "
+                "must be equal: the projected [SEG] state is both the prune decoder's guidance and the mask decoder's "
+                f"prompt; got {self.vision_config.guidance_dim}, {self.prompt_encoder_config.hidden_size} and "
+                f"{prompt_width}."
+            )
+
+    @classmethod
+    def llava15_7b_sam_vit_h(cls, **kwargs) -> "VLTPConfig":
+        """The paper's system: LLaVA-1.5-7B and SAM ViT-H, pruned after layers 16 and 24 at rate 0.5."""
+        return cls(llava_config=_llava15_7b(), vision_config=VLTPVisionConfig.vit_h(), **kwargs)
+
+    @classmethod
+    def llava15_7b_sam_vit_l(cls, **kwargs) -> "VLTPConfig":
+        """LLaVA-1.5-7B and SAM ViT-L, pruned after layers 12 and 18 at rate 0.5."""
+        return cls(llava_config=_llava15_7b(), vision_config=VLTPVisionConfig.vit_l(), **kwargs)
+
+
+def _llava15_7b() -> LlavaConfig:
+    """`llava-hf/llava-1.5-7b-hf`'s architecture: CLIP ViT-L/14 at 336 px and Vicuna-7B (vocabulary 32064)."""
+    return LlavaConfig(text_config={"model_type": "llama", "vocab_size": 32064}, image_token_index=32000)
+
+
+__all__ = ["SAM_VISION_PRESETS", "VLTPConfig", "VLTPVisionConfig"]

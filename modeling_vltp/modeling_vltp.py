@@ -25,18 +25,20 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from transformers import PreTrainedModel, SamMaskDecoderConfig
+from transformers import LlavaForConditionalGeneration, PreTrainedModel, SamMaskDecoderConfig
 from transformers import initialization as init
 from transformers.models.sam.modeling_sam import (
     SamLayerNorm,
+    SamMaskDecoder,
     SamPositionalEmbedding,
+    SamPromptEncoder,
     SamTwoWayTransformer,
     SamVisionEncoder,
     SamVisionLayer,
 )
 from transformers.utils import ModelOutput
 
-from .configuration_vltp import VLTPVisionConfig, check_prune_rates
+from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
 
 
 @dataclass
@@ -164,19 +166,16 @@ class VLTPPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module):
-        # SAM's encoder is a `PreTrainedModel` of its own and initialises itself; this covers the prune decoder,
-        # with a usable std (SAM's `initializer_range` of 1e-10 would start it without any signal).
-        std = self.config.prune_decoder_initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, SamLayerNorm)):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, SamPositionalEmbedding):
+        super()._init_weights(module)
+        if isinstance(module, SamPositionalEmbedding):
             init.normal_(module.positional_embedding, std=module.scale)
         elif isinstance(module, VLTPPruneDecoder):
+            # Children are initialised first; the prune decoder then gets a usable std, since SAM's vision config
+            # has an `initializer_range` of 1e-10 which would start it without any signal.
+            std = self.config.prune_decoder_initializer_range
+            for layer in module.modules():
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    init.normal_(layer.weight, std=std)
             init.normal_(module.query_token, std=1.0)
 
 
@@ -479,7 +478,380 @@ def vltp_pruning_loss(keep_probs: tuple[torch.Tensor, ...], targets: torch.Tenso
     return loss
 
 
+@dataclass
+class VLTPTaskSegmentationOutput(ModelOutput):
+    r"""
+    Output of [`VLTPForTaskSegmentation`]. S is the number of `[SEG]` tokens in the batch (any number per sample).
+
+    loss (`torch.FloatTensor`, *optional*, returned when `labels` or `masks` are given):
+        `lm_loss_weight * lm_loss + mask_bce_loss_weight * mask_bce_loss + mask_dice_loss_weight * mask_dice_loss
+        + prune_loss_weight * prune_loss`.
+    lm_loss, mask_bce_loss, mask_dice_loss, prune_loss (`torch.FloatTensor`, *optional*):
+        The unweighted parts: LLaVA's next-token cross-entropy (with `labels`), the mask losses L_X and the pruning
+        loss L_P of Eq. 12 (with `masks`; L_P only when pruning ran).
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        LLaVA's next-token logits.
+    pred_masks (`torch.FloatTensor` of shape `(S, mask_size, mask_size)`):
+        Low-resolution mask logits (256x256 at 1024x1024 inputs), one per `[SEG]`.
+    iou_scores (`torch.FloatTensor` of shape `(S,)`):
+        SAM's predicted IoU of each mask.
+    seg_embeds (`torch.FloatTensor` of shape `(S, guidance_dim)`):
+        The projected `[SEG]` hidden states: the prune decoder's guidance and the mask decoder's prompt.
+    seg_sample_indices (`torch.LongTensor` of shape `(S,)`):
+        The sample each `[SEG]` belongs to.
+    token_scores, keep_indices (`tuple(torch.Tensor)`, one `(S, ...)` tensor per pruning stage):
+        As in [`VLTPVisionOutput`], per `[SEG]`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    mask_bce_loss: torch.FloatTensor | None = None
+    mask_dice_loss: torch.FloatTensor | None = None
+    prune_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pred_masks: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    seg_embeds: torch.FloatTensor | None = None
+    seg_sample_indices: torch.LongTensor | None = None
+    token_scores: tuple[torch.FloatTensor, ...] | None = None
+    keep_indices: tuple[torch.LongTensor, ...] | None = None
+
+
+@dataclass
+class VLTPSegmentationResult:
+    """What [`VLTPForTaskSegmentation.segment`] returns for one (image, task).
+
+    mask: boolean (H, W) mask at the image's own size (empty when no `[SEG]` was produced).
+    score: SAM's predicted IoU of the mask (`None` without a mask).
+    text: the generated answer. seg_found: whether the answer contained `[SEG]`; `message` says why not.
+    kept_token_maps: one boolean (grid, grid) map per pruning stage, True where the ViT kept the token.
+    """
+
+    image_index: int
+    task: str
+    mask: torch.Tensor
+    score: float | None
+    text: str
+    seg_found: bool
+    kept_token_maps: list[torch.Tensor]
+    message: str | None = None
+
+
+class VLTPForTaskSegmentation(VLTPPreTrainedModel):
+    """VLTP's task-oriented segmentation system (paper Sec. 3, Fig. 2): LLaVA reads the image and the task and answers
+    with `[SEG]`; the projected hidden state of that answer (`text_hidden_fcs`, as in LISA) guides the token pruning
+    inside SAM's ViT ([`VLTPSamVisionModel`]) and is the sparse prompt of SAM's mask decoder.
+
+    Parameters: `llava.*` (transformers' `LlavaForConditionalGeneration`), `text_hidden_fcs.*`, `vision_model.*` (the
+    pruned SAM ViT) and, in `SamModel`'s layout, `shared_image_embedding.*`, `prompt_encoder.*` and `mask_decoder.*`,
+    so that SAM's prompt encoder and mask decoder load by key.
+    """
+
+    config: VLTPConfig
+    config_class = VLTPConfig
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["SamVisionLayer", "VLTPPruneDecoder", "LlamaDecoderLayer", "CLIPEncoderLayer"]
+    _tied_weights_keys = {
+        "prompt_encoder.shared_embedding.positional_embedding": "shared_image_embedding.positional_embedding"
+    }
+
+    def __init__(self, config: VLTPConfig):
+        super().__init__(config)
+        self.llava = LlavaForConditionalGeneration(config.llava_config)
+        text_width = config.llava_config.text_config.hidden_size
+        self.text_hidden_fcs = nn.Sequential(
+            nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, config.vision_config.guidance_dim)
+        )
+        self.vision_model = VLTPSamVisionModel(config.vision_config)
+        self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
+        self.prompt_encoder = SamPromptEncoder(config)
+        config.mask_decoder_config._attn_implementation = "eager"
+        self.mask_decoder = SamMaskDecoder(config.mask_decoder_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llava.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.llava.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.llava.get_output_embeddings()
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, **kwargs) -> nn.Embedding:
+        """Resize LLaVA's input and output embeddings, e.g. after adding `[SEG]` to the tokenizer."""
+        embeddings = self.llava.resize_token_embeddings(new_num_tokens, **kwargs)
+        self.config.llava_config = self.llava.config
+        return embeddings
+
+    def image_positional_embeddings(self, batch_size: int) -> torch.Tensor:
+        """SAM's dense positional encoding of the image-embedding grid, (B, d, grid, grid)."""
+        size = self.config.prompt_encoder_config.image_embedding_size
+        weight = self.shared_image_embedding.positional_embedding
+        centers = (torch.arange(size, device=weight.device, dtype=weight.dtype) + 0.5) / size
+        y, x = torch.meshgrid(centers, centers, indexing="ij")
+        encoding = self.shared_image_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
+        return encoding[None].expand(batch_size, -1, -1, -1)
+
+    def seg_positions(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sample index, position of the hidden state that feeds SAM) of every `[SEG]` in `input_ids`."""
+        if self.config.seg_token_id is None:
+            raise ValueError("config.seg_token_id is not set: add [SEG] to the tokenizer and set it (see VLTPProcessor).")
+        samples, positions = (input_ids == self.config.seg_token_id).nonzero(as_tuple=True)
+        if self.config.seg_hidden_state == "before_seg":
+            positions = positions - 1
+        return samples, positions
+
+    def decode_masks(
+        self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None
+    ) -> tuple[torch.Tensor, torch.Tensor, VLTPVisionOutput]:
+        """One mask per guidance: the pruned ViT guided by `seg_embeds` (S, d), then SAM's mask decoder prompted by
+        them. Returns low-resolution mask logits (S, h, w), predicted IoUs (S,) and the vision output."""
+        vision = self.vision_model(sam_pixel_values, guidance_embeds=seg_embeds, prune_rates=prune_rates)
+        image_embeddings = vision.last_hidden_state
+        num_masks = image_embeddings.shape[0]
+        _, dense_embeddings = self.prompt_encoder(None, None, None, None)
+        masks, iou_scores = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=self.image_positional_embeddings(num_masks).to(image_embeddings.dtype),
+            sparse_prompt_embeddings=seg_embeds[:, None, None, :].to(image_embeddings.dtype),
+            dense_prompt_embeddings=dense_embeddings.to(image_embeddings.dtype).expand(num_masks, -1, -1, -1),
+            multimask_output=False,
+        )
+        return masks[:, 0, 0], iou_scores[:, 0, 0], vision
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        sam_pixel_values: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        masks: torch.FloatTensor | None = None,
+        reshaped_input_sizes: torch.LongTensor | None = None,
+        prune_rates: list[float] | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> VLTPTaskSegmentationOutput | tuple:
+        r"""
+        input_ids, attention_mask, pixel_values, labels:
+            LLaVA's inputs as [`VLTPProcessor`] prepares them (`pixel_values` for CLIP; `labels` -100 except on the
+            answer).
+        sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+            The same images prepared for SAM.
+        masks (`torch.FloatTensor` of shape `(batch_size, image_size, image_size)`, *optional*):
+            Target masks in SAM's input frame (0/1, zero padding); every `[SEG]` of a sample is trained towards its
+            sample's mask.
+        reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
+            The unpadded (height, width) of each image in SAM's frame: the mask losses only count those pixels.
+        prune_rates (`list[float]`, *optional*):
+            Override the vision config's pruning rates for this call.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        batch_size = input_ids.shape[0]
+        for name, value in (("sam_pixel_values", sam_pixel_values), ("masks", masks)):
+            if value is not None and value.shape[0] != batch_size:
+                raise ValueError(f"{name} has batch size {value.shape[0]} but input_ids has {batch_size}.")
+        if sam_pixel_values is None:
+            raise ValueError("sam_pixel_values are required: the images as SAM's image processor prepares them.")
+        image_size = self.config.vision_config.image_size
+        if masks is not None and tuple(masks.shape[1:]) != (image_size, image_size):
+            raise ValueError(
+                f"masks must be (batch_size, {image_size}, {image_size}) in SAM's input frame (see VLTPProcessor), "
+                f"got {tuple(masks.shape)}."
+            )
+
+        llm = self.llava(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            labels=labels,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        samples, positions = self.seg_positions(input_ids)
+        hidden = llm.hidden_states[self.config.seg_hidden_layer][samples, positions]
+        seg_embeds = self.text_hidden_fcs(hidden)
+        losses = {"lm_loss": llm.loss}
+        if len(samples) > 0:
+            pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values[samples], seg_embeds, prune_rates)
+            if masks is not None:
+                losses.update(self._mask_losses(pred_masks, vision, masks[samples], reshaped_input_sizes, samples))
+        else:  # no [SEG] in the batch: no mask to predict, and nothing for the mask losses
+            mask_size = 4 * self.config.prompt_encoder_config.image_embedding_size
+            pred_masks = seg_embeds.new_zeros(0, mask_size, mask_size)
+            iou_scores = seg_embeds.new_zeros(0)
+            vision = VLTPVisionOutput()
+            if masks is not None:
+                losses.update(mask_bce_loss=seg_embeds.new_zeros(()), mask_dice_loss=seg_embeds.new_zeros(()))
+        weighted = [
+            getattr(self.config, f"{name}_weight") * value for name, value in losses.items() if value is not None
+        ]
+        output = VLTPTaskSegmentationOutput(
+            loss=sum(weighted) if weighted else None,
+            **losses,
+            logits=llm.logits,
+            pred_masks=pred_masks,
+            iou_scores=iou_scores,
+            seg_embeds=seg_embeds,
+            seg_sample_indices=samples,
+            token_scores=vision.token_scores,
+            keep_indices=vision.keep_indices,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _mask_losses(self, pred_masks, vision, targets, reshaped_input_sizes, samples) -> dict:
+        """L_X (LISA's mask BCE and Dice over each image's unpadded region) and L_P (Eq. 12), per `[SEG]`."""
+        size = targets.shape[-1]
+        logits = F.interpolate(pred_masks[:, None].float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
+        targets = targets.float()
+        valid = torch.ones_like(targets)
+        if reshaped_input_sizes is not None:
+            heights, widths = reshaped_input_sizes[samples].to(targets.device).unbind(-1)
+            coords = torch.arange(size, device=targets.device)
+            valid = (coords[None, :, None] < heights[:, None, None]) & (coords[None, None, :] < widths[:, None, None])
+            valid = valid.float()
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        bce = ((bce * valid).flatten(1).sum(-1) / valid.flatten(1).sum(-1).clamp(min=1)).mean()
+        dice = dice_loss(torch.sigmoid(logits) * valid, targets * valid)
+        prune = None
+        if vision.keep_probs:
+            prune = vltp_pruning_loss(vision.keep_probs, pruning_targets(targets, self.config.vision_config.patch_size))
+        return {"mask_bce_loss": bce, "mask_dice_loss": dice, "prune_loss": prune}
+
+    @torch.no_grad()
+    def segment(
+        self,
+        images,
+        tasks,
+        processor,
+        prune_rates: list[float] | None = None,
+        max_new_tokens: int = 32,
+        **generate_kwargs,
+    ) -> list[VLTPSegmentationResult]:
+        """Segment what each task asks for in each image.
+
+        `images` is one PIL image (then `tasks` is a task or a list of tasks for it) or a list of images (then `tasks`
+        is one task for all, or a list with one task or list of tasks per image). Returns one
+        [`VLTPSegmentationResult`] per (image, task), image by image. LLaVA generates with its KV cache; the hidden
+        state that feeds SAM is collected from the generation steps (the first `[SEG]` of each answer). A task whose
+        answer has no `[SEG]` gets an empty mask and says so. Extra keyword arguments go to `generate`.
+        """
+        pairs = _image_task_pairs(images, tasks)
+        image_list = _as_image_list(images)
+        rows = [image_list[i] for i, _ in pairs]
+        row_tasks = [task for _, task in pairs]
+        inputs = processor(images=rows, tasks=row_tasks, padding_side="left", return_tensors="pt").to(self.device)
+        tokenizer = processor.tokenizer
+        generated = self.llava.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"].to(self.dtype),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **generate_kwargs,
+        )
+        prompt_length = inputs["input_ids"].shape[1]
+        new_tokens = generated.sequences[:, prompt_length:]
+        # The state at generation step k is the one that predicted new token k ("before_seg"); the [SEG] token's own
+        # state is computed one step later ("seg").
+        offset = 0 if self.config.seg_hidden_state == "before_seg" else 1
+        rows_with_seg, hidden = [], []
+        for row, tokens in enumerate(new_tokens.tolist()):
+            if self.config.seg_token_id in tokens:
+                step = tokens.index(self.config.seg_token_id) + offset
+                if step < len(generated.hidden_states):
+                    rows_with_seg.append(row)
+                    hidden.append(generated.hidden_states[step][self.config.seg_hidden_layer][row, -1])
+        mask_logits = kept_maps = iou_scores = None
+        if rows_with_seg:
+            seg_embeds = self.text_hidden_fcs(torch.stack(hidden))
+            sam_pixels = inputs["sam_pixel_values"][rows_with_seg].to(self.dtype)
+            mask_logits, iou_scores, vision = self.decode_masks(sam_pixels, seg_embeds, prune_rates)
+            kept_maps = self._kept_token_maps(vision.keep_indices, len(rows_with_seg))
+            masks = processor.post_process_masks(
+                mask_logits.float(),
+                inputs["original_sizes"][rows_with_seg],
+                inputs["reshaped_input_sizes"][rows_with_seg],
+            )
+
+        results = []
+        for row, (image_index, task) in enumerate(pairs):
+            text = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+            height, width = inputs["original_sizes"][row].tolist()
+            if row in rows_with_seg:
+                k = rows_with_seg.index(row)
+                results.append(
+                    VLTPSegmentationResult(
+                        image_index=image_index,
+                        task=task,
+                        mask=masks[k].bool().cpu(),
+                        score=iou_scores[k].item(),
+                        text=text,
+                        seg_found=True,
+                        kept_token_maps=[maps[k].cpu() for maps in kept_maps],
+                    )
+                )
+            else:
+                results.append(
+                    VLTPSegmentationResult(
+                        image_index=image_index,
+                        task=task,
+                        mask=torch.zeros(height, width, dtype=torch.bool),
+                        score=None,
+                        text=text,
+                        seg_found=False,
+                        kept_token_maps=[],
+                        message=f"the model answered without {self.config.seg_token}, so there is no mask",
+                    )
+                )
+        return results
+
+    def _kept_token_maps(self, keep_indices, num_masks: int) -> list[torch.Tensor]:
+        grid = self.vision_model.grid_size
+        if keep_indices is None:
+            return []
+        return [
+            torch.zeros(num_masks, grid * grid, dtype=torch.bool, device=kept.device)
+            .scatter(1, kept, True)
+            .view(num_masks, grid, grid)
+            for kept in keep_indices
+        ]
+
+
+def _as_image_list(images) -> list:
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _image_task_pairs(images, tasks) -> list[tuple[int, str]]:
+    """Flatten `segment`'s (images, tasks) into (image index, task) pairs, image by image."""
+    if not isinstance(images, (list, tuple)):
+        per_image = [[tasks] if isinstance(tasks, str) else list(tasks)]
+    elif isinstance(tasks, str):
+        per_image = [[tasks]] * len(images)
+    else:
+        if len(tasks) != len(images):
+            raise ValueError(
+                f"Got {len(images)} images but {len(tasks)} task entries: give one task (or list of tasks) per "
+                "image, or a single task for all."
+            )
+        per_image = [[entry] if isinstance(entry, str) else list(entry) for entry in tasks]
+    pairs = [(index, task) for index, entries in enumerate(per_image) for task in entries]
+    if not pairs or not all(isinstance(task, str) and task.strip() for _, task in pairs):
+        raise ValueError("Every task must be a non-empty string, and at least one task is needed.")
+    return pairs
+
+
 __all__ = [
+    "VLTPForTaskSegmentation",
+    "VLTPSegmentationResult",
+    "VLTPTaskSegmentationOutput",
     "VLTPPreTrainedModel",
     "VLTPPruneDecoder",
     "VLTPSamVisionModel",

@@ -3,8 +3,12 @@
 Everything here is deterministic: the same call returns the same vocabulary and the same preprocessing.
 """
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast, SamImageProcessorPil
+from transformers import CLIPImageProcessorPil, LlavaConfig, PreTrainedTokenizerFast, SamImageProcessorPil
+
+from .configuration_vltp import VLTPConfig, VLTPVisionConfig
+from .modeling_vltp import VLTPForTaskSegmentation
 
 from .processing_vltp import (
     DEFAULT_ANSWER,
@@ -106,3 +110,88 @@ def tiny_processor(sam_image_size: int = 128, clip_image_size: int = 32, clip_pa
         tiny_tokenizer(),
         num_image_tokens=(clip_image_size // clip_patch_size) ** 2,
     )
+
+
+def tiny_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
+    """A [`VLTPConfig`] of a few hundred thousand parameters matching [`tiny_processor`]: a 2-layer CLIP at 32 px and
+    a 2-layer Llama for LLaVA, and a 4-layer SAM ViT at 128 px (8x8 tokens in 3x3 windows, so the window grid is padded
+    as SAM's is) pruned after layer 2 at rate 0.5."""
+    processor = processor or tiny_processor()
+    width = 32
+    llava_config = LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 2 * width,
+            "intermediate_size": 4 * width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": len(processor.tokenizer),
+            "max_position_embeddings": 256,
+            "bos_token_id": processor.tokenizer.bos_token_id,
+            "eos_token_id": processor.tokenizer.eos_token_id,
+            "pad_token_id": processor.tokenizer.pad_token_id,
+        },
+        image_token_index=processor.image_token_id,
+        image_seq_length=processor.num_image_tokens,
+    )
+    vision_config = VLTPVisionConfig(
+        hidden_size=width,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        mlp_dim=2 * width,
+        image_size=processor.sam_image_processor.pad_size["height"],
+        patch_size=16,
+        window_size=3,
+        global_attn_indexes=[1, 3],
+        output_channels=width,
+        num_pos_feats=width // 2,
+        prune_layers=[2],
+        prune_rates=[0.5],
+        guidance_dim=width,
+        prune_decoder_hidden_size=width,
+        prune_decoder_num_attention_heads=2,
+        prune_decoder_mlp_dim=2 * width,
+    )
+    return VLTPConfig(
+        llava_config=llava_config,
+        vision_config=vision_config,
+        prompt_encoder_config={
+            "hidden_size": width,
+            "image_size": vision_config.image_size,
+            "patch_size": 16,
+            "mask_input_channels": 8,
+        },
+        mask_decoder_config={
+            "hidden_size": width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "mlp_dim": 2 * width,
+            "iou_head_hidden_dim": width,
+        },
+        seg_token_id=processor.seg_token_id,
+    )
+
+
+def tiny_model_and_processor(seed: int = 0) -> tuple[VLTPForTaskSegmentation, VLTPProcessor]:
+    """A small random [`VLTPForTaskSegmentation`] (in eval mode) and the [`VLTPProcessor`] it fits, built offline.
+
+    SAM's ViT weights are drawn with std 0.02 (SAM's own initializer range of 1e-10 would make every image token
+    alike), so pruning has distinct tokens to choose from.
+    """
+    processor = tiny_processor()
+    torch.manual_seed(seed)
+    model = VLTPForTaskSegmentation(tiny_config(processor))
+    with torch.no_grad():
+        for parameter in model.vision_model.vision_encoder.parameters():
+            parameter.normal_(0.0, 0.02)
+    return model.eval(), processor

@@ -1,0 +1,202 @@
+"""VLTPForTaskSegmentation with the tiny offline system: shapes, losses, training, saving, and `segment`."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoProcessor, LogitsProcessor, LogitsProcessorList
+
+from modeling_vltp import VLTPConfig, VLTPForTaskSegmentation, VLTPProcessor, VLTPVisionConfig
+from modeling_vltp.testing import tiny_config, tiny_model_and_processor
+
+TASKS = ["you can use the thing to sit comfortably", "you can use the thing to cut the food on the table"]
+
+
+def images_and_masks(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray((rng.random((100, 140, 3)) * 255).astype("uint8")) for _ in range(2)]
+    masks = [np.zeros((100, 140), dtype=np.uint8) for _ in range(2)]
+    masks[0][10:40, 20:60] = 1
+    masks[1][50:90, 70:130] = 1
+    return images, masks
+
+
+def training_batch(processor, answers="Sure, [SEG]."):
+    images, masks = images_and_masks()
+    return processor(images=images, tasks=TASKS, answers=answers, masks=masks)
+
+
+def train(model, batch, steps: int, lr: float = 3e-3) -> list[float]:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The tiny system after 40 steps on one batch: it answers "Sure, [SEG]." and its losses have fallen."""
+    model, processor = tiny_model_and_processor(seed=0)
+    losses = train(model, training_batch(processor), steps=40)
+    return model, processor, losses
+
+
+def test_forward_shapes_and_loss_parts():
+    model, processor = tiny_model_and_processor()
+    batch = training_batch(processor)
+    output = model(**batch)
+    assert output.logits.shape == (*batch["input_ids"].shape, len(processor.tokenizer))
+    assert output.pred_masks.shape == (2, 32, 32)  # SAM's low-resolution masks: 4x the 8x8 embedding grid
+    assert output.iou_scores.shape == (2,) and output.seg_embeds.shape == (2, 32)
+    assert output.seg_sample_indices.tolist() == [0, 1]
+    assert [k.shape for k in output.keep_indices] == [(2, 32)]  # 64 tokens at rate 0.5
+    config = model.config
+    expected = (
+        config.lm_loss_weight * output.lm_loss
+        + config.mask_bce_loss_weight * output.mask_bce_loss
+        + config.mask_dice_loss_weight * output.mask_dice_loss
+        + config.prune_loss_weight * output.prune_loss
+    )
+    assert torch.allclose(output.loss, expected)
+    assert all(part.item() > 0 for part in (output.lm_loss, output.mask_bce_loss, output.mask_dice_loss, output.prune_loss))
+
+
+def test_losses_fall_when_training_on_one_batch(trained):
+    _, _, losses = trained
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_several_seg_tokens_in_a_sample_and_samples_without_one():
+    model, processor = tiny_model_and_processor()
+    batch = training_batch(processor, answers=["Sure, [SEG] and [SEG].", "There is none."])
+    output = model(**batch)
+    assert output.seg_sample_indices.tolist() == [0, 0]
+    assert output.pred_masks.shape[0] == 2 and output.keep_indices[0].shape[0] == 2
+    assert torch.isfinite(output.loss)
+    output.loss.backward()  # the mask losses come from sample 0 only, and still train the mask decoder
+    assert model.mask_decoder.iou_token.weight.grad is not None
+
+    none = processor(images=images_and_masks()[0], tasks=TASKS, answers="No.", masks=images_and_masks()[1])
+    output = model(**none)
+    assert output.pred_masks.shape[0] == 0 and output.mask_bce_loss.item() == 0.0
+    assert torch.allclose(output.loss, model.config.lm_loss_weight * output.lm_loss)
+
+
+def test_hidden_state_choice_before_or_at_seg():
+    model, processor = tiny_model_and_processor()
+    batch = training_batch(processor)
+    seg_positions = (batch["input_ids"] == processor.seg_token_id).nonzero()[:, 1]
+    _, before = model.seg_positions(batch["input_ids"])
+    model.config.seg_hidden_state = "seg"
+    _, at = model.seg_positions(batch["input_ids"])
+    assert torch.equal(before, seg_positions - 1) and torch.equal(at, seg_positions)
+
+
+def test_forward_bad_inputs_raise_clear_errors():
+    model, processor = tiny_model_and_processor()
+    batch = training_batch(processor)
+    with pytest.raises(ValueError, match="sam_pixel_values has batch size 1 but input_ids has 2"):
+        model(**{**batch, "sam_pixel_values": batch["sam_pixel_values"][:1]})
+    with pytest.raises(ValueError, match=r"masks must be \(batch_size, 128, 128\)"):
+        model(**{**batch, "masks": batch["masks"][:, :64]})
+    with pytest.raises(ValueError, match="sam_pixel_values are required"):
+        model(**{k: v for k, v in batch.items() if k != "sam_pixel_values"})
+    model.config.seg_token_id = None
+    with pytest.raises(ValueError, match="seg_token_id is not set"):
+        model(**batch)
+
+
+def test_config_validation_and_presets():
+    with pytest.raises(ValueError, match="seg_hidden_state must be"):
+        VLTPConfig(seg_hidden_state="after")
+    with pytest.raises(ValueError, match="guidance_dim, prompt_encoder_config.hidden_size and mask_decoder"):
+        VLTPConfig(vision_config=VLTPVisionConfig.vit_b(guidance_dim=128))
+    paper = VLTPConfig.llava15_7b_sam_vit_h()
+    assert paper.vision_config.prune_layers == [16, 24] and paper.vision_config.hidden_size == 1280
+    assert paper.llava_config.text_config.hidden_size == 4096
+    assert VLTPConfig.llava15_7b_sam_vit_l().vision_config.prune_layers == [12, 18]
+    assert (paper.lm_loss_weight, paper.mask_bce_loss_weight, paper.mask_dice_loss_weight) == (1.0, 2.0, 0.5)
+
+
+def test_save_and_load_reproduce_outputs(tmp_path, trained):
+    model, processor, _ = trained
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, VLTPForTaskSegmentation) and isinstance(loaded_processor, VLTPProcessor)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), VLTPConfig)
+    positional = loaded.prompt_encoder.shared_embedding.positional_embedding
+    assert positional.data_ptr() == loaded.shared_image_embedding.positional_embedding.data_ptr()
+    batch = training_batch(processor)
+    with torch.no_grad():
+        expected, actual = model(**batch), loaded(**training_batch(loaded_processor))
+    assert torch.equal(expected.logits, actual.logits)
+    assert torch.equal(expected.pred_masks, actual.pred_masks)
+
+
+class BanTokenInRow(LogitsProcessor):
+    """Forbid one token in one row of the batch: lets a test decide which answers contain [SEG]."""
+
+    def __init__(self, token_id: int, row: int):
+        self.token_id, self.row = token_id, row
+
+    def __call__(self, input_ids, scores):
+        scores[self.row, self.token_id] = -float("inf")
+        return scores
+
+
+def test_segment_several_tasks_on_one_image_matches_the_teacher_forced_forward(trained):
+    model, processor, _ = trained
+    image = images_and_masks()[0][0]
+    results = model.segment(image, TASKS, processor, max_new_tokens=8)
+    assert [r.task for r in results] == TASKS and [r.image_index for r in results] == [0, 0]
+    for result in results:
+        assert result.seg_found and "[SEG]" in result.text
+        assert result.mask.shape == (100, 140) and result.mask.dtype == torch.bool
+        assert len(result.kept_token_maps) == 1 and result.kept_token_maps[0].shape == (8, 8)
+        assert result.kept_token_maps[0].sum().item() == 32
+        # The [SEG] state collected from the cached generation steps equals the one of a plain forward pass over the
+        # generated answer (one row, so no padding); the bound allows for float differences between the two paths.
+        single = processor(images=[image], tasks=[result.task], answers=result.text)
+        with torch.no_grad():
+            forward = model(**single)
+        masks = processor.post_process_masks(
+            forward.pred_masks[:, None], single["original_sizes"], single["reshaped_input_sizes"]
+        )
+        assert result.score == pytest.approx(forward.iou_scores.item(), abs=1e-4)
+        agreement = (masks[0] == result.mask).float().mean().item()
+        assert agreement > 0.999
+
+
+def test_segment_without_seg_gives_an_empty_mask_and_says_so(trained):
+    model, processor, _ = trained
+    images = images_and_masks()[0]
+    ban = LogitsProcessorList([BanTokenInRow(processor.seg_token_id, row=1)])
+    results = model.segment(images, TASKS, processor, max_new_tokens=8, logits_processor=ban)
+    assert [r.image_index for r in results] == [0, 1]
+    assert results[0].seg_found and results[0].mask.any()
+    assert not results[1].seg_found and "[SEG]" not in results[1].text
+    assert results[1].mask.shape == (100, 140) and not results[1].mask.any()
+    assert results[1].score is None and "without [SEG]" in results[1].message
+
+
+def test_segment_rates_and_bad_task_lists(trained):
+    model, processor, _ = trained
+    images = images_and_masks()[0]
+    dense = model.segment(images, TASKS[0], processor, prune_rates=[0.0], max_new_tokens=8)
+    assert all(r.kept_token_maps[0].all() for r in dense)
+    pruned = model.segment(images, TASKS[0], processor, prune_rates=[0.75], max_new_tokens=8)
+    assert all(r.kept_token_maps[0].sum().item() == 16 for r in pruned)
+    with pytest.raises(ValueError, match="2 images but 3 task entries"):
+        model.segment(images, [TASKS[0]] * 3, processor)
+    with pytest.raises(ValueError, match="non-empty string"):
+        model.segment(images[0], [""], processor)
