@@ -1,0 +1,145 @@
+"""`vltp segment` on a generated image, with a tiny model saved the way users save theirs."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
+from modeling_vltp.cli import main
+from modeling_vltp.data import synthetic, load_rio
+from modeling_vltp.testing import tiny_model_and_processor
+from modeling_vltp.visualization import overlay_mask, pruning_map
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    synthetic.generate(root, num_images=2, seed=3, image_size=96, format="rio", split="train")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, world) -> Path:
+    """A tiny system trained a few steps on the generated world, so that it answers with [SEG]; saved to disk."""
+    model, processor = tiny_model_and_processor(seed=1)
+    rows = load_rio(world, world, "train")
+    batch = processor(
+        images=[row["image"].convert("RGB") for row in rows],
+        tasks=[row["task"] for row in rows],
+        answers="Sure, [SEG].",
+        masks=[row["mask"] for row in rows],
+    )
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    directory = tmp_path_factory.mktemp("model")
+    model.eval().save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def first_image(world: Path) -> Path:
+    return sorted((world / "train2014").glob("*.jpg"))[0]
+
+
+def test_segment_writes_the_mask_overlay_and_pruning_map(tmp_path, world, model_dir, capsys):
+    image_path, task = first_image(world), "you can use the thing to roll it across the floor"
+    out, overlay, pruning = tmp_path / "mask.png", tmp_path / "overlay.png", tmp_path / "pruning.png"
+    status = main(
+        [
+            "segment", str(image_path), task, "--model", str(model_dir), "--prune-rates", "0.75",
+            "--out", str(out), "--overlay", str(overlay), "--show-pruning", str(pruning),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "[SEG]" in printed and "after layer 2: kept 16/64" in printed
+    image = Image.open(image_path).convert("RGB")
+    model = VLTPForTaskSegmentation.from_pretrained(model_dir).eval()
+    (expected,) = model.segment(image, task, VLTPProcessor.from_pretrained(model_dir), prune_rates=[0.75])
+    mask = np.array(Image.open(out))
+    assert np.array_equal(mask > 0, expected.mask.numpy()) and set(np.unique(mask)) <= {0, 255}
+    assert Image.open(overlay).size == image.size
+    # one stage: one panel, with the 48 frozen tokens darkened
+    panel = np.array(Image.open(pruning).convert("L")).astype(int)
+    assert panel.shape == (image.height, image.width)
+    darkened = panel < np.array(image.convert("L")).astype(int) - 20
+    assert abs(darkened.mean() - 48 / 64) < 0.1
+
+
+def test_overlay_tints_only_the_mask():
+    image = Image.fromarray(np.full((20, 30, 3), 100, dtype=np.uint8))
+    mask = torch.zeros(20, 30, dtype=torch.bool)
+    mask[5:10, 3:20] = True
+    tinted = np.array(overlay_mask(image, mask)).astype(int)
+    assert (tinted[~mask.numpy()] == 100).all()
+    assert (tinted[mask.numpy(), 0] > 150).all() and (tinted[mask.numpy(), 1] < 100).all()
+
+
+def test_pruning_map_draws_one_panel_per_stage_on_the_image_pixels():
+    image = Image.fromarray(np.full((64, 128, 3), 200, dtype=np.uint8))  # resized to 128 x 256 in a 256 frame
+    kept = torch.zeros(4, 4, dtype=torch.bool)
+    kept[0, 0] = True  # the top-left token covers 64 x 64 frame pixels = 32 x 32 image pixels
+    sheet = np.array(pruning_map(image, [kept, ~kept], encoder_image_size=256, labels=["", ""]).convert("L"))
+    assert sheet.shape == (64, 2 * 128 + 4)
+    first, second = sheet[:, :128], sheet[:, 132:]
+    assert (first[:32, :32] == 200).all() and (first[:32, 32:] < 200).all() and (first[32:] < 200).all()
+    assert (second[:32, :32] < 200).all() and (second[:32, 32:] == 200).all()
+
+
+def test_segment_runs_as_a_command(tmp_path, world, model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_vltp.cli", "segment", str(first_image(world)), "dig a hole",
+         "--model", str(model_dir), "--out", str(tmp_path / "m.png")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m.png").exists() and "answer:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["segment", "{missing_image}", "task", "--model", "{model}"], "cannot read image .*no such file"),
+        (["segment", "{not_an_image}", "task", "--model", "{model}"], "cannot read image"),
+        (["segment", "{image}", "task", "--model", "{missing_model}"], "cannot load model"),
+        (["segment", "{image}", "task", "--model", "{model}", "--prune-rates", "1.5"], r"prune_rates must each be"),
+        (["segment", "{image}", "task", "--model", "{model}", "--out", "{bad_dir}/m.png"], "cannot write the mask"),
+        (["segment", "{image}", "task"], "no --model given"),
+    ],
+)
+def test_bad_input_gives_one_line_and_a_non_zero_status(tmp_path, world, model_dir, capsys, arguments, message):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    values = dict(
+        missing_image=tmp_path / "nope.jpg", not_an_image=not_an_image, model=model_dir,
+        missing_model=tmp_path / "no-model", image=first_image(world), bad_dir=tmp_path / "no" / "dir",
+    )
+    status = main([a.format(**values) for a in arguments])
+    error = capsys.readouterr().err
+    last_line = error.strip().splitlines()[-1]
+    assert status == 1 and "Traceback" not in error
+    assert last_line.startswith("vltp: error: ") and re.search(message, last_line), error
+
+
+def test_offline_hub_is_one_line(world):
+    """With the Hub unreachable (offline mode), a Hub id that is not cached gives a one-line error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_vltp.cli", "segment", str(first_image(world)), "task",
+         "--model", "someone/vltp-tiny-missing"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("vltp: error: cannot load model 'someone/vltp-tiny-missing'")
