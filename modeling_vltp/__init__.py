@@ -14,7 +14,7 @@ from .modeling_vltp import (
     VLTPVisionOutput,
     dice_loss,
     pruning_targets,
-    soft_keep_mask,
+    select_tokens,
     vltp_pruning_loss,
 )
 from .processing_vltp import (
@@ -52,6 +52,6 @@ __all__ = [
     "count_gmacs",
     "dice_loss",
     "pruning_targets",
-    "soft_keep_mask",
+    "select_tokens",
     "vltp_pruning_loss",
 ]

@@ -262,13 +262,11 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
                 hidden_states, all_hidden_states = self._run_dense(layers, hidden_states, all_hidden_states)
                 continue
             scores = self.prune_decoder(hidden_states, guidance_embeds)
-            num_keep = self.num_kept_tokens(prune_rates[stage - 1])
-            kept = scores.topk(num_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
-            probs = soft_keep_mask(scores, num_keep, self.config.prune_temperature)
+            kept, probs = select_tokens(scores, self.num_kept_tokens(prune_rates[stage - 1]), self.config.prune_temperature)
             token_scores.append(scores)
             keep_indices.append(kept)
             keep_probs.append(probs)
-            if num_keep == scores.shape[-1]:
+            if kept.shape[-1] == scores.shape[-1]:
                 hidden_states, all_hidden_states = self._run_dense(layers, hidden_states, all_hidden_states)
             else:
                 gate = _straight_through_gate(probs, kept) if torch.is_grad_enabled() and probs.requires_grad else None
@@ -440,10 +438,12 @@ def _straight_through_gate(keep_probs: torch.Tensor, kept: torch.Tensor) -> torc
     return (probs - probs.detach()) + 1.0
 
 
-def soft_keep_mask(token_scores: torch.Tensor, num_keep: int, temperature: float = 1.0) -> torch.Tensor:
-    """The smoothed pruning mask of Eq. 11: `sigmoid((P_s - t) / temperature)`, t the `num_keep`-th highest score."""
-    threshold = token_scores.detach().topk(num_keep, dim=-1).values[..., -1:]
-    return torch.sigmoid((token_scores - threshold) / temperature)
+def select_tokens(token_scores: torch.Tensor, num_keep: int, temperature: float = 1.0):
+    """Eq. 11: the sorted indices (B, K) of the `num_keep` highest-scoring tokens, and the smoothed pruning mask
+    `sigmoid((P_s - t) / temperature)` (B, N), t being the `num_keep`-th highest score, used during training."""
+    top = token_scores.topk(num_keep, dim=-1, sorted=False)
+    threshold = top.values.detach().min(dim=-1, keepdim=True).values
+    return top.indices.sort(dim=-1).values, torch.sigmoid((token_scores - threshold) / temperature)
 
 
 def pruning_targets(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -858,6 +858,6 @@ __all__ = [
     "VLTPVisionOutput",
     "dice_loss",
     "pruning_targets",
-    "soft_keep_mask",
+    "select_tokens",
     "vltp_pruning_loss",
 ]
