@@ -769,7 +769,6 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
                 if step < len(generated.hidden_states):
                     rows_with_seg.append(row)
                     hidden.append(generated.hidden_states[step][self.config.seg_hidden_layer][row, -1])
-        mask_logits = kept_maps = iou_scores = None
         if rows_with_seg:
             seg_embeds = self.text_hidden_fcs(torch.stack(hidden))
             sam_pixels = inputs["sam_pixel_values"][rows_with_seg].to(self.dtype)
@@ -783,34 +782,25 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
 
         results = []
         for row, (image_index, task) in enumerate(pairs):
-            text = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
-            height, width = inputs["original_sizes"][row].tolist()
-            if row in rows_with_seg:
+            found = row in rows_with_seg
+            if found:
                 k = rows_with_seg.index(row)
-                results.append(
-                    VLTPSegmentationResult(
-                        image_index=image_index,
-                        task=task,
-                        mask=masks[k].bool().cpu(),
-                        score=iou_scores[k].item(),
-                        text=text,
-                        seg_found=True,
-                        kept_token_maps=[maps[k].cpu() for maps in kept_maps],
-                    )
-                )
+                mask, score, maps = masks[k].bool().cpu(), iou_scores[k].item(), [m[k].cpu() for m in kept_maps]
             else:
-                results.append(
-                    VLTPSegmentationResult(
-                        image_index=image_index,
-                        task=task,
-                        mask=torch.zeros(height, width, dtype=torch.bool),
-                        score=None,
-                        text=text,
-                        seg_found=False,
-                        kept_token_maps=[],
-                        message=f"the model answered without {self.config.seg_token}, so there is no mask",
-                    )
+                height, width = inputs["original_sizes"][row].tolist()
+                mask, score, maps = torch.zeros(height, width, dtype=torch.bool), None, []
+            results.append(
+                VLTPSegmentationResult(
+                    image_index=image_index,
+                    task=task,
+                    mask=mask,
+                    score=score,
+                    text=tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip(),
+                    seg_found=found,
+                    kept_token_maps=maps,
+                    message=None if found else f"the model answered without {self.config.seg_token}, so no mask",
                 )
+            )
         return results
 
     def _kept_token_maps(self, keep_indices, num_masks: int) -> list[torch.Tensor]:

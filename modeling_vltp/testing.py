@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import CLIPImageProcessorPil, LlavaConfig, PreTrainedTokenizerFast, SamImageProcessorPil
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig
+from .data.coco_tasks import COCO_TASKS_NAMES
 from .modeling_vltp import VLTPForTaskSegmentation
 
 from .processing_vltp import (
@@ -24,24 +25,7 @@ TINY_VOCAB_SIZE = 500
 # The tiny tokenizer learns its merges from LLaVA-1.5 chat prompts with LISA's question and answers around
 # task-oriented queries (the 14 tasks of COCO-Tasks as VLTP phrases them, two in the style of RIO), plus LISA's other
 # question forms. Any other text still tokenises, byte by byte.
-_TASKS = [
-    "step on",
-    "sit comfortably",
-    "place flowers",
-    "get potatoes out of fire",
-    "water plant",
-    "get lemon out of tea",
-    "dig hole",
-    "open bottle of beer",
-    "open parcel",
-    "serve wine",
-    "pour sugar",
-    "smear butter",
-    "extinguish fire",
-    "pound carpet",
-    "cut the food on the table",
-    "hold the hot soup",
-]
+_TASKS = [*COCO_TASKS_NAMES, "cut the food on the table", "hold the hot soup"]
 _ANSWERS = [DEFAULT_ANSWER, "It is [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG]."]
 _CORPUS = [
     DEFAULT_PROMPT_TEMPLATE.format(question=DEFAULT_QUESTION_TEMPLATE.format(task=f"you can use the thing to {task}"))
