@@ -158,6 +158,9 @@ class VLTPConfig(PreTrainedConfig):
     seg_hidden_state (`str`, *optional*, defaults to `"before_seg"`):
         Which LLM position feeds SAM: `"before_seg"` (LISA's choice: the state that predicts `[SEG]`, i.e. at the
         position before it) or `"seg"` (the state of the `[SEG]` token itself).
+    projector (`str`, *optional*, defaults to `"mlp"`):
+        LLaVA's vision-to-language projector: `"mlp"` (LLaVA-1.5's Linear-GELU-Linear, transformers' own) or
+        `"linear"` (a single Linear, as LLaVA-v1 and the LISA checkpoints that VLTP finetunes from have).
     seg_hidden_layer (`int`, *optional*, defaults to -1):
         Which LLM layer's hidden state is taken (-1: the last, as LISA does).
     lm_loss_weight, mask_bce_loss_weight, mask_dice_loss_weight (`float`, *optional*, defaults to 1.0, 2.0, 0.5):
@@ -183,6 +186,7 @@ class VLTPConfig(PreTrainedConfig):
     seg_token: str = "[SEG]"
     seg_token_id: int | None = None
     seg_hidden_state: str = "before_seg"
+    projector: str = "mlp"
     seg_hidden_layer: int = -1
     lm_loss_weight: float = 1.0
     mask_bce_loss_weight: float = 2.0
@@ -202,6 +206,8 @@ class VLTPConfig(PreTrainedConfig):
                 value = config_class(**{k: v for k, v in value.items() if k != "model_type"})
             setattr(self, name, value)
         super().__post_init__(**kwargs)
+        if self.projector not in ("mlp", "linear"):
+            raise ValueError(f"projector must be 'mlp' or 'linear', got {self.projector!r}.")
         if self.seg_hidden_state not in ("before_seg", "seg"):
             raise ValueError(f"seg_hidden_state must be 'before_seg' or 'seg', got {self.seg_hidden_state!r}.")
         prompt_width = self.mask_decoder_config.hidden_size

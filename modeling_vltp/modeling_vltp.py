@@ -478,6 +478,23 @@ def vltp_pruning_loss(keep_probs: tuple[torch.Tensor, ...], targets: torch.Tenso
     return loss
 
 
+class VLTPLinearProjector(nn.Module):
+    """LLaVA-v1's vision-to-language projector, a single Linear (LISA's `mm_projector`); `VLTPConfig.projector`
+    selects it instead of LLaVA-1.5's two-layer MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        num_feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        self.linear_1 = nn.Linear(
+            config.vision_config.hidden_size * num_feature_layers,
+            config.text_config.hidden_size,
+            bias=config.multimodal_projector_bias,
+        )
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_1(image_features)
+
+
 @dataclass
 class VLTPTaskSegmentationOutput(ModelOutput):
     r"""
@@ -559,6 +576,8 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
     def __init__(self, config: VLTPConfig):
         super().__init__(config)
         self.llava = LlavaForConditionalGeneration(config.llava_config)
+        if config.projector == "linear":
+            self.llava.model.multi_modal_projector = VLTPLinearProjector(config.llava_config)
         text_width = config.llava_config.text_config.hidden_size
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, config.vision_config.guidance_dim)
@@ -840,6 +859,7 @@ def _image_task_pairs(images, tasks) -> list[tuple[int, str]]:
 
 __all__ = [
     "VLTPForTaskSegmentation",
+    "VLTPLinearProjector",
     "VLTPSegmentationResult",
     "VLTPTaskSegmentationOutput",
     "VLTPPreTrainedModel",

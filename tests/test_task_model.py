@@ -200,3 +200,25 @@ def test_segment_rates_and_bad_task_lists(trained):
         model.segment(images, [TASKS[0]] * 3, processor)
     with pytest.raises(ValueError, match="non-empty string"):
         model.segment(images[0], [""], processor)
+
+
+def test_single_linear_projector_option(tmp_path):
+    """LISA's checkpoints project CLIP features with one Linear: `projector="linear"` builds, trains and reloads."""
+    from modeling_vltp.testing import tiny_processor
+
+    processor = tiny_processor()
+    config = tiny_config(processor)
+    config.projector = "linear"
+    model = VLTPForTaskSegmentation(config)
+    names = [n for n, _ in model.named_parameters() if "multi_modal_projector" in n]
+    assert names == ["llava.model.multi_modal_projector.linear_1.weight", "llava.model.multi_modal_projector.linear_1.bias"]
+    batch = training_batch(processor)
+    model(**batch).loss.backward()
+    assert model.llava.model.multi_modal_projector.linear_1.weight.grad is not None
+    model.save_pretrained(tmp_path)
+    reloaded = VLTPForTaskSegmentation.from_pretrained(tmp_path)
+    assert reloaded.config.projector == "linear"
+    expected = model.llava.model.multi_modal_projector.linear_1.weight
+    assert torch.equal(reloaded.llava.model.multi_modal_projector.linear_1.weight, expected)
+    with pytest.raises(ValueError, match="projector must be 'mlp' or 'linear'"):
+        VLTPConfig(projector="conv")
