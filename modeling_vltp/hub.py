@@ -241,8 +241,13 @@ def model_card(
     return "\n\n".join(sections) + "\n"
 
 
-def _register_auto_classes(model_or_processor):
-    """Make `save_pretrained` write an `auto_map` and copy the model files, for `trust_remote_code=True` loading."""
+def register_auto_classes(model_or_processor):
+    """
+    Register the object's classes for the Auto classes (config → AutoConfig, model → AutoModel, processor →
+    AutoProcessor), so that `save_pretrained` writes an `auto_map` and copies the model files next to the weights, for
+    `trust_remote_code=True` loading. Like transformers' `register_for_auto_class`, this holds for every later save of
+    those classes in this process.
+    """
     if isinstance(model_or_processor, PreTrainedModel):
         type(model_or_processor.config).register_for_auto_class("AutoConfig")
         type(model_or_processor).register_for_auto_class("AutoModel")
@@ -277,7 +282,7 @@ def push_to_hub_with_card(
         HubError: offline, endpoint unreachable, missing repository, permission denied, other HTTP errors; the
             one-line message names the repository.
     """
-    _register_auto_classes(model_or_processor)
+    register_auto_classes(model_or_processor)
     if card is None and isinstance(model_or_processor, PreTrainedModel):
         card = model_card(model_or_processor, repo_id, **card_kwargs)
     elif card_kwargs:
@@ -297,4 +302,4 @@ def push_to_hub_with_card(
     return commit.commit_url
 
 
-__all__ = ["HubError", "encoder_gmacs", "hub_errors", "model_card", "push_to_hub_with_card"]
+__all__ = ["HubError", "encoder_gmacs", "hub_errors", "model_card", "push_to_hub_with_card", "register_auto_classes"]

@@ -1,0 +1,54 @@
+"""Convert a Segment Anything checkpoint into VLTP's starting point: a `VLTPSamVisionModel` (SAM's image encoder with a
+fresh prune decoder) plus SAM's prompt encoder and mask decoder in OUT/sam_prompt_mask_decoder/.
+
+    python hub/convert_sam.py --source hf --input facebook/sam-vit-huge --output-dir OUT [--prune-layers 16,24
+        --prune-rates 0.5,0.5]
+    python hub/convert_sam.py --source original --input sam_vit_h_4b8939.pth --variant vit_h --output-dir OUT
+
+The result is checked against the source (transformers' SAM, or Meta's segment_anything when installed) before OUT is
+written; a refused or failed conversion leaves no OUT behind.
+"""
+
+import argparse
+import sys
+
+from modeling_vltp.conversion import SAM_VARIANTS, convert_sam
+from modeling_vltp.hub import HubError
+
+
+def comma_separated(cast):
+    def parse(text: str) -> list:
+        return [cast(item) for item in text.split(",") if item.strip()]
+
+    return parse
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", choices=["hf", "original"], required=True, help="the input's layout")
+    parser.add_argument("--input", required=True, help="hf: a folder or Hub id; original: Meta's .pth file")
+    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
+    parser.add_argument("--variant", choices=SAM_VARIANTS, help="required for --source original; checked for hf")
+    parser.add_argument("--prune-layers", type=comma_separated(int), help="e.g. 16,24 (default: the paper's)")
+    parser.add_argument("--prune-rates", type=comma_separated(float), help="e.g. 0.5,0.5 (default: 0.5 each)")
+    args = parser.parse_args(argv)
+    if args.source == "original" and args.variant is None:
+        parser.error("--source original needs --variant (Meta's checkpoints carry no config)")
+    try:
+        output_dir = convert_sam(
+            args.input,
+            args.output_dir,
+            source=args.source,
+            variant=args.variant,
+            prune_layers=args.prune_layers,
+            prune_rates=args.prune_rates,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, HubError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Converted {args.input} to {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
