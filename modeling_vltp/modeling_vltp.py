@@ -151,7 +151,7 @@ class _KeptTokens:
     indices: torch.Tensor  # (B, K) sorted row-major indices into the grid
     rows: torch.Tensor  # (B, K)
     cols: torch.Tensor  # (B, K)
-    padded_indices: torch.Tensor | None = None  # (B, K) indices into SAM's padded window grid
+    window_indices: torch.Tensor | None = None  # (B, K) places in SAM's padded grid laid out window by window
     window_key_bias: torch.Tensor | None = None  # (B * windows, 1, 1, window**2): 0 for keys, very negative if pruned
 
 
@@ -310,18 +310,23 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         kept = _KeptTokens(indices=indices, rows=rows, cols=cols)
         window = self.config.window_size
         if window > 0 and any(layer.window_size > 0 for layer in self.vision_encoder.layers):
-            padded = grid + (window - grid % window) % window
-            kept.padded_indices = rows * padded + cols
-            # Keys of the padded window grid: SAM's padding places are keys, grid places only where the token is kept.
-            is_key = torch.ones(indices.shape[0], padded, padded, dtype=torch.bool, device=indices.device)
-            is_key[:, :grid, :grid] = False
-            is_key = is_key.flatten(1).scatter(1, kept.padded_indices, True).view(-1, padded, padded, 1)
-            is_key = _window_partition(is_key, window).flatten(1)
+            # SAM's padded window grid, laid out window by window (the order its window partition produces), so that
+            # windowed layers scatter qkv straight into windows and gather their outputs straight back.
+            per_side = -(-grid // window)
+            place_in_window = (rows % window) * window + cols % window
+            kept.window_indices = ((rows // window) * per_side + cols // window) * window**2 + place_in_window
+            layout = torch.arange(per_side**2 * window**2, device=indices.device)
+            window_of, place = layout // window**2, layout % window**2
+            layout_rows = (window_of // per_side) * window + place // window
+            layout_cols = (window_of % per_side) * window + place % window
+            # Keys: SAM's padding places always (they hold the qkv bias), grid places only where the token is kept.
+            is_padding = (layout_rows >= grid) | (layout_cols >= grid)
+            is_key = is_padding.expand(indices.shape[0], -1).scatter(1, kept.window_indices, True)
             # Far below any logit yet finite, so that a window whose tokens are all pruned gives finite values and
             # gradients (its queries are discarded) instead of NaN.
             masked = torch.finfo(dtype).min / 2
-            kept.window_key_bias = torch.zeros(is_key.shape, dtype=dtype, device=indices.device)
-            kept.window_key_bias = kept.window_key_bias.masked_fill(~is_key, masked)[:, None, None, :]
+            key_bias = torch.zeros(is_key.shape, dtype=dtype, device=indices.device).masked_fill(~is_key, masked)
+            kept.window_key_bias = key_bias.view(-1, 1, 1, window**2)
         return kept
 
     def _run_dense(self, layers, hidden_states, all_hidden_states):
@@ -352,26 +357,12 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         return full.scatter(1, index, packed).view_as(hidden_states), all_hidden_states
 
 
-def _window_partition(hidden_states: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, C) with H, W multiples of `window` -> (B * windows, window * window, C), SAM's window order."""
-    batch_size, height, width, channels = hidden_states.shape
-    hidden_states = hidden_states.view(batch_size, height // window, window, width // window, window, channels)
-    return hidden_states.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, channels)
-
-
-def _window_unpartition(windows: torch.Tensor, window: int, batch_size: int, size: int) -> torch.Tensor:
-    """Inverse of `_window_partition` for a square padded grid of side `size`: -> (B, size * size, C)."""
-    channels = windows.shape[-1]
-    windows = windows.view(batch_size, size // window, size // window, window, window, channels)
-    return windows.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, size * size, channels)
-
-
 def _packed_layer_forward(layer: SamVisionLayer, packed: torch.Tensor, kept: _KeptTokens, grid: int) -> torch.Tensor:
     """`SamVisionLayer.forward` on the kept tokens only: (B, K, C) -> (B, K, C)."""
     attn = layer.attn
     qkv = attn.qkv(layer.layer_norm1(packed))
     if layer.window_size > 0:
-        attn_output = _packed_window_attention(attn, qkv, kept, layer.window_size, grid)
+        attn_output = _packed_window_attention(attn, qkv, kept, layer.window_size)
     else:
         attn_output = _packed_global_attention(attn, qkv, kept, grid)
     packed = packed + attn.proj(attn_output)
@@ -390,29 +381,27 @@ def _merge_heads(attn_output: torch.Tensor) -> torch.Tensor:
     return attn_output.transpose(1, 2).reshape(batch_size, length, -1)
 
 
-def _packed_window_attention(attn, qkv: torch.Tensor, kept: _KeptTokens, window: int, grid: int) -> torch.Tensor:
+def _packed_window_attention(attn, qkv: torch.Tensor, kept: _KeptTokens, window: int) -> torch.Tensor:
     batch_size, _, width3 = qkv.shape
-    padded = grid + (window - grid % window) % window
+    num_windows = kept.window_key_bias.shape[0] // batch_size
     # SAM pads the LayerNorm output with zeros, so a padding place's qkv is the qkv bias.
     fill = attn.qkv.bias if attn.qkv.bias is not None else qkv.new_zeros(width3)
-    canvas = fill.to(qkv.dtype).expand(batch_size, padded * padded, width3)
-    canvas = canvas.scatter(1, kept.padded_indices[..., None].expand(-1, -1, width3), qkv)
-    windows = _window_partition(canvas.view(batch_size, padded, padded, width3), window)
-    query, key, value = _split_heads(windows, attn.num_attention_heads)
+    windows = fill.to(qkv.dtype).expand(batch_size, num_windows * window**2, width3)
+    windows = windows.scatter(1, kept.window_indices[..., None].expand(-1, -1, width3), qkv)
+    query, key, value = _split_heads(windows.view(batch_size * num_windows, window**2, width3), attn.num_attention_heads)
     bias = kept.window_key_bias
     if attn.use_rel_pos:
-        num_windows, heads, length, head_dim = query.shape
-        rel_pos = attn.get_decomposed_rel_pos(
-            query.reshape(num_windows * heads, length, head_dim),
-            attn.rel_pos_h,
-            attn.rel_pos_w,
-            (window, window),
-            (window, window),
-        )
-        bias = bias + rel_pos.reshape(num_windows, heads, length, length)
+        # SAM's decomposed relative position within a window, built so that the (windows, heads, L, L) bias comes out
+        # contiguous (transformers' version leaves it strided, and reshaping it copies the largest tensor here).
+        flat_windows, heads, length, head_dim = query.shape
+        grid_query = query.reshape(flat_windows * heads, window, window, head_dim)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", grid_query, attn.get_rel_pos(window, window, attn.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", grid_query, attn.get_rel_pos(window, window, attn.rel_pos_w))
+        rel_pos = rel_h.contiguous()[..., :, None] + rel_w.contiguous()[..., None, :]
+        bias = rel_pos.view(flat_windows, heads, length, length).add_(bias)
     attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-    attn_output = _window_unpartition(_merge_heads(attn_output), window, batch_size, padded)
-    return attn_output.gather(1, kept.padded_indices[..., None].expand(-1, -1, attn_output.shape[-1]))
+    attn_output = _merge_heads(attn_output).reshape(batch_size, num_windows * window**2, -1)
+    return attn_output.gather(1, kept.window_indices[..., None].expand(-1, -1, attn_output.shape[-1]))
 
 
 def _packed_global_attention(attn, qkv: torch.Tensor, kept: _KeptTokens, grid: int) -> torch.Tensor:
