@@ -2,9 +2,12 @@
 
     vltp segment IMAGE "TASK" [--model DIR_OR_HUB_ID] [--prune-rates 0.5,0.5] [--out mask.png]
                               [--overlay overlay.png] [--show-pruning pruning.png]
+    vltp train --stage 1|2 --config FILE.yaml [--resume [CHECKPOINT]]
+    vltp eval --data rio|coco_tasks --annotations PATH --images DIR --split SPLIT --model DIR [--prune-rates 0,0.5,0.8]
 
-Errors (an unreadable image, a missing model, an unreachable Hub, bad rates) are reported in one line on stderr with a
-non-zero exit status.
+Errors (an unreadable image, a missing model, an unreachable Hub, bad rates, a bad training config) are reported in one
+line on stderr with a non-zero exit status. `vltp train` runs under `accelerate launch` as it is (see
+docs/training.md).
 """
 
 import argparse
@@ -35,7 +38,38 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--show-pruning", help="where to write the kept-token map of each pruning stage")
     segment.add_argument("--max-new-tokens", type=int, default=32, help="length limit of the answer")
     segment.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+    train = commands.add_parser("train", help="finetune: stage 1 (LoRA on LLaVA) or stage 2 (VLTP prune decoder)")
+    train.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: vision-language, 2: VLTP@Finetune")
+    train.add_argument("--config", required=True, help="YAML file: model, data, rates, output_dir, training arguments")
+    train.add_argument(
+        "--resume", nargs="?", const=True, help="resume from the last checkpoint in output_dir, or from CHECKPOINT"
+    )
+
+    evaluate = commands.add_parser("eval", help="gIoU, cIoU and GMACs of a model on a split, at several rates")
+    evaluate.add_argument("--data", choices=("rio", "coco_tasks"), required=True, help="layout of the annotations")
+    evaluate.add_argument("--annotations", required=True, help="RIO split file or folder, or COCO-Tasks folder")
+    evaluate.add_argument("--images", required=True, help="COCO 2014 root (train2014/, val2014/)")
+    evaluate.add_argument("--split", required=True, help="RIO: train, common, uncommon; COCO-Tasks: train, test")
+    evaluate.add_argument("--model", required=True, help="a local VLTP checkpoint directory or a Hub id")
+    evaluate.add_argument(
+        "--prune-rates", type=_parse_rates, help="rates to evaluate, each for every pruning stage (0: dense); "
+        "default: 0 and the model's own rates"
+    )
+    evaluate.add_argument("--tasks", type=_parse_ints, help="COCO-Tasks task numbers, e.g. 1,2,3 (default: all)")
+    evaluate.add_argument("--task-names", choices=("coco_tasks", "synthetic"), default="coco_tasks",
+                          help="COCO-Tasks names: the official ones or the synthetic world's")
+    evaluate.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
+    evaluate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     return parser
+
+
+def _parse_ints(text: str) -> list[int]:
+    try:
+        return [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {text!r}") from None
 
 
 def _load_image(path: str):
@@ -106,11 +140,76 @@ def segment_command(args) -> None:
         print(f"pruning map -> {args.show_pruning}")
 
 
+def train_command(args) -> None:
+    from accelerate import PartialState
+
+    from .training import TrainConfig, TrainingInputError, train
+
+    try:
+        config = TrainConfig.from_yaml(args.config, stage=args.stage)
+        if args.resume is not None:
+            config.resume_from_checkpoint = args.resume
+        summary = train(config)
+    except TrainingInputError as error:
+        raise CommandError(str(error)) from None
+    if PartialState().is_main_process:
+        for line in summary.lines():
+            print(f"vltp train: {line}")
+
+
+def eval_command(args) -> None:
+    from .data.synthetic import TASK_NAMES as SYNTHETIC_TASK_NAMES
+    from .configuration_vltp import check_prune_rates
+    from .training import DataSettings, TrainingInputError, evaluate_rates, load_split
+
+    data = DataSettings(
+        format=args.data,
+        annotations=args.annotations,
+        images=args.images,
+        tasks=args.tasks,
+        task_names=list(SYNTHETIC_TASK_NAMES) if args.task_names == "synthetic" else None,
+    )
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        dataset = load_split(data, args.split, args.max_samples, source="vltp eval")
+    except TrainingInputError as error:
+        raise CommandError(str(error)) from None
+    model, processor = _load_model(args.model, args.device)
+    vision_config = model.config.vision_config
+    num_stages = len(vision_config.prune_layers)
+    if args.prune_rates is None:
+        rates_list = [[0.0] * num_stages, list(vision_config.prune_rates)]
+    else:
+        rates_list = [[rate] * num_stages for rate in args.prune_rates]
+    try:
+        for stage_rates in rates_list:
+            check_prune_rates(stage_rates, num_stages)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    results = evaluate_rates(model, processor, dataset, rates_list, batch_size=args.batch_size)
+
+    name = args.model.rstrip("/").split("/")[-1]
+    split = f"{'RIO' if args.data == 'rio' else 'COCO-Tasks'} {args.split}"
+    print(f"{split}: {len(dataset)} samples, model {args.model}")
+    print(f"{'Model':<24} {'pruning rate':>12} {'gIoU (%)':>9} {'cIoU (%)':>9} {'GMACs':>10}")
+    for result in results:
+        stage_rates = result["prune_rates"]
+        shown = "-" if not any(stage_rates) else "/".join(dict.fromkeys(f"{rate:g}" for rate in stage_rates))
+        print(
+            f"{name:<24} {shown:>12} {100 * result['gIoU']:>9.1f} {100 * result['cIoU']:>9.1f} {result['gmacs']:>10.4g}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "segment":
             segment_command(args)
+        elif args.command == "train":
+            train_command(args)
+        elif args.command == "eval":
+            eval_command(args)
     except CommandError as error:
         print(f"vltp: error: {error}", file=sys.stderr)
         return 1

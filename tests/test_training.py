@@ -1,0 +1,409 @@
+"""Finetuning with the Trainer: both stages on the tiny system and a small synthetic world, the SEG cache, rate changes,
+resuming, the metrics, `vltp train` / `vltp eval`, bad input, and a 2-process DDP run."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import EvalPrediction, LlavaForConditionalGeneration, TrainerCallback
+
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
+from modeling_vltp.cli import main
+from modeling_vltp.data import load_rio, synthetic
+from modeling_vltp.metrics import compute_tos_metrics
+from modeling_vltp.testing import tiny_config, tiny_model_and_processor
+from modeling_vltp.training import (
+    TOSMetrics,
+    TrainConfig,
+    VLTPDataCollator,
+    load_seg_cache,
+    mask_overlaps,
+    prepare_stage1_model,
+    train,
+    vision_gmacs,
+)
+
+ANSWER = "Sure, [SEG]."
+QUIET = {"report_to": "none", "use_cpu": True, "disable_tqdm": True, "save_strategy": "no", "logging_steps": 1000}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny system is fastest on one thread; more threads on a shared machine slow it down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """12 training samples (4 images, 3 tasks each) and 6 evaluation samples of the synthetic world, in RIO files."""
+    root = tmp_path_factory.mktemp("world")
+    synthetic.generate(root, num_images=4, seed=0, image_size=64, format="rio", split="train")
+    synthetic.generate(root, num_images=2, seed=1, image_size=64, format="rio", split="common")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    model, processor = tiny_model_and_processor(seed=0)
+    directory = tmp_path_factory.mktemp("base")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def settings(world, model, output_dir, **overrides) -> dict:
+    """A config as a YAML file would give it: a few steps of batch 2 at a high learning rate."""
+    config = {
+        "model": str(model),
+        "output_dir": str(output_dir),
+        "data": {"format": "rio", "annotations": str(world), "images": str(world), "eval_split": "common"},
+        "lora": {"dropout": 0.0},
+        "answers": [ANSWER],
+        "training": {
+            "max_steps": 4,
+            "per_device_train_batch_size": 2,
+            "per_device_eval_batch_size": 3,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 5e-3,
+            "warmup_steps": 0,
+            **QUIET,
+        },
+    }
+    training = overrides.pop("training", {})
+    config.update(overrides)
+    config["training"].update(training)
+    return config
+
+
+def stage2_settings(world, model, output_dir, cache, rates=(0.5,), **overrides) -> dict:
+    config = settings(world, model, output_dir, seg_cache=str(cache), prune_rates=list(rates), **overrides)
+    del config["lora"], config["answers"]
+    return config
+
+
+@pytest.fixture(scope="module")
+def stage1(world, base_model, tmp_path_factory):
+    output = tmp_path_factory.mktemp("stage1") / "run"
+    summary = train(TrainConfig.from_dict(settings(world, base_model, output), stage=1))
+    return output, summary
+
+
+@pytest.fixture(scope="module")
+def stage2(world, stage1, tmp_path_factory):
+    """Stage 2 at rate 0.5 from stage 1's model; builds the [SEG] cache on the way."""
+    root = tmp_path_factory.mktemp("stage2")
+    cache, output = root / "seg_cache", root / "run"
+    summary = train(TrainConfig.from_dict(stage2_settings(world, stage1[0], output, cache), stage=2))
+    return output, cache, summary
+
+
+def weights(directory) -> dict:
+    """A saved model's weights under the module names (LLaVA's are stored under its legacy names)."""
+    return {name: tensor.clone() for name, tensor in VLTPForTaskSegmentation.from_pretrained(directory).state_dict().items()}
+
+
+def test_stage1_wraps_only_the_trained_parts(base_model):
+    model = VLTPForTaskSegmentation.from_pretrained(base_model)
+    processor = VLTPProcessor.from_pretrained(base_model)
+    peft_model = prepare_stage1_model(model, processor, TrainConfig.from_dict(
+        {"model": "m", "output_dir": "o", "data": {"format": "rio", "annotations": "a", "images": "i"}}, stage=1
+    ).lora)
+    trainable = [name for name, parameter in peft_model.named_parameters() if parameter.requires_grad]
+    groups = {
+        "lora": r"llava\.model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)\.lora_[AB]\.",
+        "new token rows": r"llava\.(model\.language_model\.embed_tokens|lm_head)\.token_adapter\.",
+        "projection": r"text_hidden_fcs\.modules_to_save\.",
+        "mask decoder": r"mask_decoder\.modules_to_save\.",
+    }
+    for name in trainable:
+        assert any(re.search(pattern, name) for pattern in groups.values()), name
+    for group, pattern in groups.items():
+        assert any(re.search(pattern, name) for name in trainable), f"nothing trained in {group}"
+    # LoRA r 8 on the two language-model layers' q_proj and v_proj (64 -> 64 and 64 -> 32): A (r x in), B (out x r).
+    lora_sizes = [p.numel() for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_" in n]
+    assert sum(lora_sizes) == 2 * (8 * 64 + 64 * 8) + 2 * (8 * 64 + 32 * 8)
+
+
+def test_stage1_changes_only_the_trained_weights(base_model, stage1):
+    output, summary = stage1
+    before, after = weights(base_model), weights(output)
+    assert before.keys() == after.keys()
+    new_rows = [VLTPProcessor.from_pretrained(base_model).seg_token_id, VLTPProcessor.from_pretrained(base_model).image_token_id]
+    trained = re.compile(r"^(text_hidden_fcs|mask_decoder)\.|language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)\.")
+    for name in before:
+        if name in ("llava.model.language_model.embed_tokens.weight", "llava.lm_head.weight"):
+            keep = torch.ones(len(before[name]), dtype=torch.bool)
+            keep[new_rows] = False
+            assert torch.equal(before[name][keep], after[name][keep]), name
+            assert not torch.equal(before[name][~keep], after[name][~keep]), name
+        elif not trained.search(name):
+            assert torch.equal(before[name], after[name]), f"{name} changed but is frozen in stage 1"
+    for name in (
+        "llava.model.language_model.layers.1.self_attn.q_proj.weight",
+        "llava.model.language_model.layers.1.self_attn.v_proj.weight",
+        "text_hidden_fcs.0.weight",
+        "mask_decoder.transformer.layers.0.self_attn.q_proj.weight",
+        "mask_decoder.output_hypernetworks_mlps.0.proj_in.weight",  # the single-mask output's
+    ):
+        assert not torch.equal(before[name], after[name]), f"{name} did not train"
+    assert summary.global_step == 4 and set(summary.eval_metrics) >= {"eval_gIoU", "eval_cIoU", "eval_gmacs"}
+    assert summary.eval_metrics["eval_gmacs"] == pytest.approx(vision_gmacs(
+        VLTPForTaskSegmentation.config_class.from_pretrained(output).vision_config, [0.0]
+    ))
+    loaded = VLTPForTaskSegmentation.from_pretrained(output)  # a plain checkpoint: no peft needed to load it
+    assert loaded.prompt_encoder.shared_embedding.positional_embedding is loaded.shared_image_embedding.positional_embedding
+
+
+def test_stage1_with_gradient_checkpointing_and_bf16_trains_lora(world, base_model, tmp_path):
+    output = tmp_path / "run"
+    config = settings(world, base_model, output, training={"max_steps": 1, "gradient_checkpointing": True, "bf16": True})
+    del config["data"]["eval_split"]
+    summary = train(TrainConfig.from_dict(config, stage=1))
+    before, after = weights(base_model), weights(output)
+    name = "llava.model.language_model.layers.0.self_attn.q_proj.weight"
+    assert summary.global_step == 1 and not torch.equal(before[name], after[name])
+
+
+def test_seg_cache_holds_the_models_seg_embeddings(world, stage1, stage2):
+    cache = load_seg_cache(stage2[1])
+    assert len(cache["train"]) == 12 and len(cache["eval"]) == 6
+    model = VLTPForTaskSegmentation.from_pretrained(stage1[0]).eval()
+    processor = VLTPProcessor.from_pretrained(stage1[0])
+    rows = load_rio(world, world, "common")
+    batch = processor(images=[rows[1]["image"]], tasks=[rows[1]["task"]], answers=ANSWER)
+    with torch.no_grad():
+        expected = model(**batch).seg_embeds[0]
+    row = cache["eval"][1]
+    assert row["task"] == rows[1]["task"] and np.array_equal(row["mask"], rows[1]["mask"])
+    torch.testing.assert_close(torch.tensor(row["seg_embed"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stage2_trains_prune_and_mask_decoders_from_the_cache_without_llava(world, stage1, stage2, tmp_path, monkeypatch):
+    output, cache, summary = stage2
+    before, after = weights(stage1[0]), weights(output)
+    for name in before:
+        if name.startswith(("vision_model.prune_decoder.", "mask_decoder.")):
+            continue
+        assert torch.equal(before[name], after[name]), f"{name} changed but is frozen in stage 2"
+    assert not torch.equal(before["vision_model.prune_decoder.conv1.weight"], after["vision_model.prune_decoder.conv1.weight"])
+    assert not torch.equal(before["mask_decoder.iou_token.weight"], after["mask_decoder.iou_token.weight"])
+    assert VLTPForTaskSegmentation.config_class.from_pretrained(output).vision_config.prune_rates == [0.5]
+    gmacs = summary.eval_metrics["eval_gmacs"]
+    assert gmacs == pytest.approx(vision_gmacs(VLTPForTaskSegmentation.config_class.from_pretrained(output).vision_config, [0.5]))
+
+    def no_llava(*args, **kwargs):
+        raise AssertionError("stage 2 built LLaVA although the [SEG] cache exists")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "__init__", no_llava)
+    rerun = train(TrainConfig.from_dict(stage2_settings(world, stage1[0], tmp_path / "again", cache), stage=2))
+    assert rerun.global_step == 4
+    monkeypatch.undo()
+    torch.testing.assert_close(weights(tmp_path / "again"), after)  # same seed, same data, same result
+
+
+def test_rate_change_finetunes_from_the_previous_rates_checkpoint(world, stage2, tmp_path):
+    previous, cache, _ = stage2
+    output = tmp_path / "rate75"
+    summary = train(TrainConfig.from_dict(stage2_settings(world, previous, output, cache, rates=(0.75,)), stage=2))
+    config = VLTPForTaskSegmentation.config_class.from_pretrained(output)
+    assert config.vision_config.prune_rates == [0.75]
+    assert summary.eval_metrics["eval_gmacs"] < vision_gmacs(config.vision_config, [0.5])
+    before, after = weights(previous), weights(output)
+    assert not torch.equal(before["vision_model.prune_decoder.conv1.weight"], after["vision_model.prune_decoder.conv1.weight"])
+    assert torch.equal(before["vision_model.vision_encoder.layers.0.attn.qkv.weight"], after["vision_model.vision_encoder.layers.0.attn.qkv.weight"])
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step` optimizer steps, as an interruption would (the checkpoint of that step is saved)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(world, stage1, stage2, tmp_path, stage):
+    checkpoints = {"save_strategy": "steps", "save_steps": 2}
+
+    def config(output, **extra):
+        if stage == 1:
+            return TrainConfig.from_dict(settings(world, stage1[0], output, training=checkpoints, **extra), stage=1)
+        return TrainConfig.from_dict(stage2_settings(world, stage1[0], output, stage2[1], training=checkpoints, **extra), stage=2)
+
+    train(config(tmp_path / "straight"))
+    interrupted = train(config(tmp_path / "resumed"), callbacks=[StopAt(2)])
+    assert interrupted.global_step == 2 and (tmp_path / "resumed" / "checkpoint-2").is_dir()
+    resumed = train(config(tmp_path / "resumed", resume_from_checkpoint=True))
+    assert resumed.global_step == 4
+    torch.testing.assert_close(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
+
+
+def test_compute_metrics_agree_with_the_tos_metrics_at_each_images_size():
+    _, processor = tiny_model_and_processor()
+    rng = np.random.default_rng(0)
+    images = [np.zeros((40, 70, 3), np.uint8), np.zeros((90, 50, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)]
+    targets = [rng.random(image.shape[:2]) > 0.6 for image in images]
+    targets[2][:] = False  # an empty target: IoU 1 if the prediction is empty too
+    rows = [{"image": _pil(image), "task": "dig a hole", "mask": target.astype(np.uint8), "task_id": task}
+            for image, target, task in zip(images, targets, [1, 2, 1])]
+    batch = VLTPDataCollator(processor, keep_targets=True)(rows)
+    logits = torch.randn(3, 32, 32)
+    logits[2] = -5.0
+    samples = torch.tensor([0, 1, 2])
+    overlaps = mask_overlaps(processor, logits, samples, batch)
+    predictions = processor.post_process_masks(logits, batch["original_sizes"], batch["reshaped_input_sizes"])
+    expected = compute_tos_metrics(predictions, targets, task_ids=[1, 2, 1])
+    metrics = TOSMetrics(processor_config_vision(), [0.5])(EvalPrediction(overlaps.numpy(), np.array([1, 2, 1])))
+    for name in ("gIoU", "cIoU", "mIoU_tasks"):
+        assert metrics[name] == pytest.approx(expected[name])
+    assert metrics["gmacs"] == pytest.approx(vision_gmacs(processor_config_vision(), [0.5]))
+
+    # A sample whose answer has no [SEG] counts as an empty prediction.
+    without = mask_overlaps(processor, logits[:1], samples[:1], batch)
+    assert without[1].tolist() == [0, int(targets[1].sum())]
+
+
+def _pil(array):
+    from PIL import Image
+
+    return Image.fromarray(array)
+
+
+def processor_config_vision():
+    return tiny_config().vision_config
+
+
+def test_gmacs_fall_with_the_rate():
+    vision = processor_config_vision()
+    half, most = (vision_gmacs(vision, [rate]) for rate in (0.5, 0.9))
+    assert 0 < most < half
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cli_train_and_eval_from_a_yaml_config(world, base_model, stage1, tmp_path, capsys):
+    # Paths in the YAML file are relative to it; 3e-3 is written as YAML reads it back (a string), as users write it.
+    config = settings(world, os.path.relpath(base_model, tmp_path), "out")
+    config["training"]["learning_rate"] = "3e-3"
+    assert main(["train", "--stage", "1", "--config", str(write_yaml(tmp_path / "stage1.yaml", config))]) == 0
+    printed = capsys.readouterr().out
+    assert "vltp train: stage 1 done" in printed and "4 steps" in printed and f"model -> {tmp_path / 'out'}" in printed
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "processor_config.json").is_file()
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["global_step"] == 4
+
+    status = main(["eval", "--data", "rio", "--annotations", str(world), "--images", str(world), "--split", "common",
+                   "--model", str(stage1[0]), "--prune-rates", "0,0.5", "--batch-size", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0 and lines[0].startswith("RIO common: 6 samples")
+    assert lines[1].split() == ["Model", "pruning", "rate", "gIoU", "(%)", "cIoU", "(%)", "GMACs"]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[1] for row in rows] == ["-", "0.5"]
+    vision = VLTPForTaskSegmentation.config_class.from_pretrained(stage1[0]).vision_config
+    assert [float(row[4]) for row in rows] == pytest.approx([vision_gmacs(vision, [r]) for r in (0.0, 0.5)], rel=1e-3)
+    # Dense, the teacher-forced evaluation equals stage 1's own evaluation at the end of training.
+    assert float(rows[0][2]) == pytest.approx(100 * stage1[1].eval_metrics["eval_gIoU"], abs=0.06)
+    assert float(rows[0][3]) == pytest.approx(100 * stage1[1].eval_metrics["eval_cIoU"], abs=0.06)
+
+
+def _rio_without_masks(world: Path, target: Path) -> Path:
+    records = json.loads((world / "RIO_train_all_thing.json").read_text())
+    for record in records:
+        del record["mask_list"]
+    target.mkdir()
+    (target / "RIO_train_all_thing.json").write_text(json.dumps(records))
+    return target
+
+
+def _rio_with_empty_masks(world: Path, target: Path) -> Path:
+    records = json.loads((world / "RIO_train_all_thing.json").read_text())
+    for record in records:
+        record["mask_list"], record["bbox_list"] = [], []
+    target.mkdir()
+    (target / "RIO_train_all_thing.json").write_text(json.dumps(records))
+    return target
+
+
+BAD_INPUTS = {
+    "missing config": (1, lambda c, t, w: None, "config file not found"),
+    "missing model": (1, lambda c, t, w: c.update(model=str(t / "nowhere")), "field 'model': .* is not a VLTP checkpoint"),
+    "missing annotations": (1, lambda c, t, w: c["data"].update(annotations=str(t / "nowhere")), "field 'data.annotations': no such file"),
+    "missing images": (1, lambda c, t, w: c["data"].update(images=str(t)), "image file not found"),
+    "annotations without masks": (
+        1, lambda c, t, w: c["data"].update(annotations=str(_rio_without_masks(w, t / "ann"))), "field 'mask_list': missing"
+    ),
+    "only empty masks": (
+        1, lambda c, t, w: c["data"].update(annotations=str(_rio_with_empty_masks(w, t / "ann"))), "no target masks"
+    ),
+    "unknown field": (1, lambda c, t, w: c.update(learning_rate=1), "unknown field 'learning_rate'"),
+    "unknown training argument": (1, lambda c, t, w: c["training"].update(lr=1), "field 'training.lr': not a field"),
+    "rates in stage 1": (1, lambda c, t, w: c.update(prune_rates=[0.5]), "stage 1 trains the dense model"),
+    "resume without checkpoint": (1, lambda c, t, w: c.update(resume_from_checkpoint=True), "no checkpoint-\\* folder"),
+    "rate out of range": (2, lambda c, t, w: c.update(prune_rates=[1.2]), r"field 'prune_rates': prune_rates must each be in \[0, 1\)"),
+    "too many rates": (2, lambda c, t, w: c.update(prune_rates=[0.5, 0.5]), "one rate per pruning stage"),
+    "stage 2 without stage-1 checkpoint": (2, lambda c, t, w: c.update(model=str(t)), "is not a stage-1 checkpoint"),
+    "stage 2 without SEG cache": (2, lambda c, t, w: c.pop("seg_cache"), "field 'seg_cache': missing"),
+    "stage 2 with a folder that is no SEG cache": (
+        2, lambda c, t, w: (t / "junk").mkdir() or c.update(seg_cache=str(t / "junk")), "is not a \\[SEG\\] cache"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_in_one_line_before_anything_is_written(world, stage1, tmp_path, capsys, case):
+    stage, edit, message = BAD_INPUTS[case]
+    output = tmp_path / "out"
+    if stage == 1:
+        config = settings(world, stage1[0], output)
+    else:
+        config = stage2_settings(world, stage1[0], output, tmp_path / "cache")
+    edit(config, tmp_path, world)
+    path = tmp_path / "config.yaml"
+    if case != "missing config":
+        write_yaml(path, config)
+    assert main(["train", "--stage", str(stage), "--config", str(path)]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error" in line.lower()]  # (progress bars aside)
+    assert len(errors) == 1 and errors[0].startswith("vltp: error: ") and re.search(message, errors[0]), captured.err
+    assert not output.exists() and not (tmp_path / "cache").exists()
+
+
+def test_two_processes_save_what_one_process_saves(world, base_model, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo), batch 1 each, against 1 process with batch 2: same data order,
+    no dropout, one answer (so that the LM loss averages the same tokens)."""
+    def run(name, processes):
+        config = settings(world, base_model, tmp_path / name, training={
+            "per_device_train_batch_size": 2 // processes, "save_strategy": "steps", "save_steps": 4,
+        })
+        path = write_yaml(tmp_path / f"{name}.yaml", config)
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command = [*launcher, "-m"] if processes > 1 else [sys.executable, "-m"]
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        result = subprocess.run([*command, "modeling_vltp.cli", "train", "--stage", "1", "--config", str(path)],
+                                capture_output=True, text=True, timeout=300, env=environment)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    printed = run("ddp", 2)
+    assert "on 2 processes: 4 steps" in printed and "evaluation at rates [0.0]" in printed
+    run("single", 1)
+    state = json.loads((tmp_path / "ddp" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(8 / 12)  # 4 steps of 2 samples out of 12: both processes trained
+    torch.testing.assert_close(weights(tmp_path / "ddp"), weights(tmp_path / "single"), rtol=1e-5, atol=1e-6)
