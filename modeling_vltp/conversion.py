@@ -17,6 +17,7 @@ folder only once everything has passed.
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -26,14 +27,32 @@ from functools import partial
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
-from transformers import SamConfig, SamModel
+import torch.nn.functional as F
+from huggingface_hub import save_torch_state_dict, snapshot_download
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedConfig,
+    PreTrainedModel,
+    SamConfig,
+    SamImageProcessorPil,
+    SamModel,
+)
 from transformers.utils import logging
 
-from .configuration_vltp import SAM_VISION_PRESETS, VLTPVisionConfig
+from .configuration_vltp import SAM_VISION_PRESETS, VLTPConfig, VLTPVisionConfig
 from .hub import HubError, hub_errors, register_auto_classes
-from .modeling_vltp import VLTPSamVisionModel
+from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel
+from .processing_vltp import IMAGE_TOKEN, SEG_TOKEN, VLTPProcessor, add_vltp_special_tokens
 
 
 logger = logging.get_logger(__name__)
@@ -123,9 +142,9 @@ def _compare_shapes(found: dict[str, torch.Size], expected: dict[str, torch.Size
     return expected.keys() - found.keys(), found.keys() - expected.keys(), mismatched
 
 
-def _check_weights(source: str, config: SamConfig, missing, unexpected, mismatched: dict[str, tuple]):
-    """Raise `ValueError` naming the first offending keys if the checkpoint is not exactly SAM of `config`."""
-    model = _describe(config)
+def _check_weights(source: str, model: str, missing, unexpected, mismatched: dict[str, tuple]):
+    """Raise `ValueError` naming the first offending keys if the checkpoint `source` is not exactly `model` (a
+    description such as "SAM vit_h")."""
 
     def first(keys):
         keys = sorted(keys)
@@ -162,6 +181,12 @@ def load_original_sam(path: str | os.PathLike, config: SamConfig) -> tuple[SamMo
     if not isinstance(original, dict) or not all(isinstance(value, torch.Tensor) for value in original.values()):
         raise ValueError(f"{path} is not a state dict of tensors (Meta's SAM checkpoints are).")
 
+    return sam_from_original_state_dict(original, config, str(path)), original
+
+
+def sam_from_original_state_dict(original: dict[str, torch.Tensor], config: SamConfig, source: str) -> SamModel:
+    """transformers' `SamModel` of `config` holding the tensors of Meta's state dict `original` (not copied). Raises
+    `ValueError` naming Meta's keys (those of `source`) unless it is exactly SAM of `config`."""
     state_dict = {original_to_hf_key(key, config): value for key, value in original.items()}
     if _SHARED_EMBEDDING in state_dict:
         state_dict[_TIED_SHARED_EMBEDDING] = state_dict[_SHARED_EMBEDDING]
@@ -172,8 +197,8 @@ def load_original_sam(path: str | os.PathLike, config: SamConfig) -> tuple[SamMo
         {key: value.shape for key, value in state_dict.items()}, _expected_shapes(config)
     )
     _check_weights(
-        str(path),
-        config,
+        source,
+        _describe(config),
         missing={hf_to_original.get(key, key) for key in missing},
         unexpected={hf_to_original[key] for key in unexpected},
         mismatched={hf_to_original[key]: shapes for key, shapes in mismatched.items()},
@@ -181,7 +206,7 @@ def load_original_sam(path: str | os.PathLike, config: SamConfig) -> tuple[SamMo
     with torch.device("meta"):
         model = SamModel(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval(), original
+    return model.eval()
 
 
 @contextlib.contextmanager
@@ -195,41 +220,83 @@ def _quiet_transformers():
         logging.set_verbosity(verbosity)
 
 
-def load_hf_sam(name_or_path: str | os.PathLike, config: SamConfig | None = None) -> SamModel:
-    """
-    Load a transformers `SamModel` checkpoint (a folder or a Hub id) and refuse it unless every weight is there with the
-    shape its config (or `config`, if given) says: `from_pretrained` alone would initialise missing weights at random.
-    """
-    source = str(name_or_path)
+def _config_dict(source: str, what: str, subfolder: str = "") -> dict:
+    """The config dict of the checkpoint `source` (a folder or a Hub id); `FileNotFoundError` without a config.json."""
     local = Path(source).expanduser()
-    if (local.exists() or not _HUB_ID.fullmatch(source)) and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"No transformers SAM checkpoint at {local} (no config.json).")
+    if (local.exists() or not _HUB_ID.fullmatch(source)) and not (local / subfolder / "config.json").is_file():
+        raise FileNotFoundError(f"No {what} checkpoint at {local / subfolder} (no config.json).")
+    with hub_errors(source, "download"):
+        config, _ = PreTrainedConfig.get_config_dict(source, subfolder=subfolder)
+    return config
+
+
+def from_pretrained_checked(
+    model_class: type[PreTrainedModel],
+    source: str | os.PathLike,
+    what: str,
+    describe=lambda config: None,
+    *,
+    model_types: tuple[str, ...] = (),
+    allow_missing: tuple[str, ...] = (),
+    allow_unexpected: tuple[str, ...] = (),
+    **kwargs,
+) -> PreTrainedModel:
+    """
+    `model_class.from_pretrained(source, **kwargs)` that refuses a checkpoint of another model type (`model_types`,
+    default: the class's own), or one whose weights are not all there with the shapes its config says
+    (`from_pretrained` alone would initialise them at random). Missing weights whose names start with one of
+    `allow_missing`, and extra ones starting with one of `allow_unexpected`, are accepted.
+
+    `what` names the kind of checkpoint in errors ("transformers SAM"); `describe(config)` the exact model, when it
+    can say more ("SAM vit_h").
+    """
+    source = str(source)
+    model_types = model_types or (model_class.config_class.model_type,)
+    model_type = _config_dict(source, what, kwargs.get("subfolder", "")).get("model_type")
+    if model_type not in model_types:
+        raise ValueError(
+            f"{source} is not a {what} checkpoint: its config.json has model_type {model_type!r}, expected "
+            f"{' or '.join(map(repr, model_types))}."
+        )
     try:
         with hub_errors(source, "download"), _quiet_transformers():
-            model, info = SamModel.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True)
+            model, info = model_class.from_pretrained(
+                source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
     except HubError:
         raise
     except Exception as error:  # e.g. truncated safetensors, which safetensors reports with its own exception type
-        raise ValueError(f"Cannot read the SAM checkpoint {source}: {error}") from error
+        raise ValueError(f"Cannot read the {what} checkpoint {source}: {error}") from error
     _check_weights(
         source,
-        model.config,
-        missing=set(info["missing_keys"]),
-        unexpected=set(info["unexpected_keys"]),
+        describe(model.config) or what,
+        missing={key for key in info["missing_keys"] if not key.startswith(allow_missing)},
+        unexpected={key for key in info["unexpected_keys"] if not key.startswith(allow_unexpected)},
         mismatched={key: (found, expected) for key, found, expected in info["mismatched_keys"]},
     )
+    return model.eval()
+
+
+def load_hf_sam(name_or_path: str | os.PathLike, config: SamConfig | None = None, **kwargs) -> SamModel:
+    """
+    Load a transformers `SamModel` checkpoint (a folder or a Hub id) and refuse it unless every weight is there with the
+    shape its config (or `config`, if given) says. `kwargs` go to `from_pretrained`.
+    """
+    source = str(name_or_path)
+    model = from_pretrained_checked(SamModel, source, "transformers SAM", _describe, **kwargs)
     if config is not None:
         found = {key: value.shape for key, value in model.state_dict().items()}
-        _check_weights(source, config, *_compare_shapes(found, _expected_shapes(config)))
-    return model.eval()
+        _check_weights(source, _describe(config), *_compare_shapes(found, _expected_shapes(config)))
+    return model
 
 
 def vltp_vision_model_from_sam(
     sam: SamModel, prune_layers: list[int] | None = None, prune_rates: list[float] | None = None
 ) -> VLTPSamVisionModel:
     """A `VLTPSamVisionModel` with SAM's image encoder weights and a freshly initialised prune decoder (the paper's
-    pruning plan for that encoder unless `prune_layers` / `prune_rates` say otherwise)."""
-    fields = sam.config.vision_config.to_dict()
+    pruning plan for that encoder unless `prune_layers` / `prune_rates` say otherwise). Its guidance is as wide as
+    SAM's prompt embeddings, since the projected `[SEG]` state is both."""
+    fields = {**sam.config.vision_config.to_dict(), "guidance_dim": sam.config.prompt_encoder_config.hidden_size}
     if prune_layers is not None:
         fields["prune_layers"] = prune_layers
     if prune_rates is not None:
@@ -361,6 +428,33 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
+def compare_sam_outputs(
+    vision: VLTPSamVisionModel,
+    decoder: SamModel,
+    reference: tuple[torch.Tensor, ...],
+    pixel_values: torch.Tensor,
+    point: torch.Tensor,
+    tolerance: float = CHECK_TOLERANCE,
+):
+    """
+    Compare a converted SAM with the source's `reference` outputs: the image embeddings of `vision` without guidance
+    (no pruning), and the masks and IoU scores of `decoder`'s prompt encoder + mask decoder given the reference image
+    embeddings. Raises `ValueError` beyond `tolerance` (relative).
+    """
+    expected_embeddings, expected_masks, expected_iou = reference
+    with torch.no_grad():
+        embeddings = vision(pixel_values.to(vision.dtype)).last_hidden_state
+    _, masks, iou = hf_sam_outputs(decoder, pixel_values, point, image_embeddings=expected_embeddings)
+    for name, actual, expected in (
+        ("image embeddings", embeddings, expected_embeddings),
+        ("masks", masks, expected_masks),
+        ("IoU scores", iou, expected_iou),
+    ):
+        error = relative_error(actual.float(), expected.float())
+        if not error <= tolerance:
+            raise ValueError(f"Conversion check failed: {name} differ from the source by {error:.2e} (relative).")
+
+
 def check_converted(
     folder: Path,
     reference: tuple[torch.Tensor, ...],
@@ -368,26 +462,38 @@ def check_converted(
     point: torch.Tensor,
     tolerance: float = CHECK_TOLERANCE,
 ):
-    """
-    Load the converted checkpoint from `folder` and compare it with the source's `reference` outputs: the image
-    embeddings of `VLTPSamVisionModel` without guidance (no pruning), and the masks and IoU scores of the saved prompt
-    encoder + mask decoder given the reference image embeddings. Raises `ValueError` beyond `tolerance`.
-    """
-    expected_embeddings, expected_masks, expected_iou = reference
+    """Load the output of [`convert_sam`] from `folder` and compare it with the source's `reference` outputs (see
+    [`compare_sam_outputs`])."""
     with _quiet_transformers():
         vision = VLTPSamVisionModel.from_pretrained(folder).eval()
         decoder = SamModel.from_pretrained(folder / PROMPT_MASK_DECODER_FOLDER).eval()
-    with torch.no_grad():
-        embeddings = vision(pixel_values).last_hidden_state
-    _, masks, iou = hf_sam_outputs(decoder, pixel_values, point, image_embeddings=expected_embeddings)
-    for name, actual, expected in (
-        ("image embeddings", embeddings, expected_embeddings),
-        ("masks", masks, expected_masks),
-        ("IoU scores", iou, expected_iou),
-    ):
-        error = relative_error(actual, expected)
-        if not error <= tolerance:
-            raise ValueError(f"Conversion check failed: {name} differ from the source by {error:.2e} (relative).")
+    compare_sam_outputs(vision, decoder, reference, pixel_values, point, tolerance)
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """`output_dir` as a `Path`; `FileExistsError` if it holds anything (a conversion never overwrites)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FileExistsError(f"{output_dir} exists and is not an empty folder; choose a new --output-dir.")
+    return output_dir
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: Path):
+    """
+    Yield a hidden staging folder next to `output_dir`, renamed to `output_dir` when the block succeeds and removed
+    when it fails, so that a refused or failed conversion leaves no partial output.
+    """
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        yield staging
+        if output_dir.exists():
+            output_dir.rmdir()
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 # -- the conversion -------------------------------------------------------------------------------------------------
@@ -421,9 +527,7 @@ def convert_sam(
         ValueError: unreadable input, or not exactly SAM of `variant` (missing, extra or misshapen weights); a
             pruning plan that does not fit the encoder; a self-check that failed.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise FileExistsError(f"{output_dir} exists and is not an empty folder; choose a new --output-dir.")
+    output_dir = check_output_dir(output_dir)
     config = sam_config_for_variant(variant) if isinstance(variant, str) else variant
 
     if source == "original":
@@ -451,33 +555,568 @@ def convert_sam(
         raise ValueError(f"Unknown source {source!r}: expected 'hf' (transformers' layout) or 'original' (Meta's).")
     vision = vltp_vision_model_from_sam(sam, prune_layers, prune_rates)
 
-    # Write next to the destination and rename at the end, so a failure leaves no partial output.
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
+    with staged_output(output_dir) as staging:
         register_auto_classes(vision)  # the checkpoint also loads with trust_remote_code, without this package
         vision.save_pretrained(staging)
         save_prompt_mask_decoder(sam, staging / PROMPT_MASK_DECODER_FOLDER)
         del vision, sam
         check_converted(staging, reference, pixel_values, point, tolerance)
-        if output_dir.exists():
-            output_dir.rmdir()
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+
+# -- VLTPForTaskSegmentation from LLaVA and SAM, or from LISA --------------------------------------------------------
+
+# transformers 5 writes up to 50GB per file by default, so a 7B VLTP model (31 GB in float32) would be a single file;
+# the Hub and most tools work best with files of a few GB, the size transformers 4 wrote.
+MAX_SHARD_SIZE = "5GB"
+CHECK_TASK = "you can use the thing to open the bottle of beer"
+# LLaVA-v1's system sentence (conv_llava_v1), which LISA's checkpoints were trained with.
+LISA_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, "
+    "and polite answers to the human's questions."
+)
+LISA_IMAGE_START, LISA_IMAGE_END = "<im_start>", "<im_end>"
+# LISA's LLaMA config.json fields, which become the LLaVA text config (the others describe LLaVA-v1's vision side).
+_LLAMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "attention_bias",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+)
+_SAM_PARTS = ("shared_image_embedding.", "prompt_encoder.", "mask_decoder.")
+_LISA_SAM_PREFIX = "model.visual_model."
+_LISA_CLIP_PREFIX = "model.vision_tower.vision_tower."  # LLaVA-v1's CLIPVisionTower around a CLIPVisionModel
+# LISA's names -> ours, first matching prefix wins (SAM's weights are renamed by `lisa_to_vltp_key`).
+_LISA_PREFIXES = (
+    ("model.text_hidden_fcs.0.", "text_hidden_fcs."),
+    ("model.mm_projector.", "llava.model.multi_modal_projector.linear_1."),
+    (_LISA_CLIP_PREFIX, "llava.model.vision_tower."),
+    ("model.", "llava.model.language_model."),
+    ("lm_head.", "llava.lm_head."),
+)
+
+
+def lisa_to_vltp_key(key: str, sam_config: SamConfig) -> str:
+    """The name in [`VLTPForTaskSegmentation`] (with `projector="linear"`) of the LISA checkpoint's weight `key`."""
+    if key.startswith(_LISA_SAM_PREFIX):
+        key = original_to_hf_key(key.removeprefix(_LISA_SAM_PREFIX), sam_config)
+        return f"vision_model.{key}" if key.startswith("vision_encoder.") else key
+    for prefix, replacement in _LISA_PREFIXES:
+        if key.startswith(prefix):
+            return replacement + key.removeprefix(prefix)
+    return key
+
+
+def check_image() -> np.ndarray:
+    """The fixed random RGB image of the self-checks: 48x64, so the CLIP processor crops and SAM's pads."""
+    return np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+def _sam_image_processor(image_size: int) -> SamImageProcessorPil:
+    """SAM's preprocessing (longest side to `image_size`, ImageNet mean/std, zero padding to a square)."""
+    return SamImageProcessorPil(
+        size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size}
+    )
+
+
+def _sam_decoder_of(model: VLTPForTaskSegmentation) -> SamModel:
+    """transformers' `SamModel` holding `model`'s own prompt encoder, mask decoder and positional embedding (shared,
+    not copied; the image encoder is left empty): SAM's reference path for a point prompt."""
+    config = model.config
+    sam_config = SamConfig(
+        vision_config={k: v for k, v in config.vision_config.to_dict().items() if k != "model_type"},
+        prompt_encoder_config=config.prompt_encoder_config.to_dict(),
+        mask_decoder_config=config.mask_decoder_config.to_dict(),
+    )
+    with torch.device("meta"):
+        sam = SamModel(sam_config)
+    parts = {key: value for key, value in model.state_dict().items() if key.startswith(_SAM_PARTS)}
+    sam.load_state_dict(parts, strict=False, assign=True)
+    return sam.to(model.dtype).eval()
+
+
+def _sam_state_dict(sam: SamModel, vision: VLTPSamVisionModel) -> dict[str, torch.Tensor]:
+    """The SAM side of a VLTP state dict: the pruned ViT under `vision_model.`, SAM's prompt encoder, mask decoder and
+    positional embedding by their own names (its tied copy left out, as transformers saves it)."""
+    state_dict = {f"vision_model.{key}": value for key, value in vision.state_dict().items()}
+    state_dict.update(
+        (key, value)
+        for key, value in sam.state_dict().items()
+        if key.startswith(_SAM_PARTS) and key != _TIED_SHARED_EMBEDDING
+    )
+    return state_dict
+
+
+def _vltp_config(llava_config: LlavaConfig, sam: SamModel, vision: VLTPSamVisionModel, **kwargs) -> VLTPConfig:
+    return VLTPConfig(
+        llava_config=llava_config,
+        vision_config=vision.config,
+        prompt_encoder_config=sam.config.prompt_encoder_config,
+        mask_decoder_config=sam.config.mask_decoder_config,
+        **kwargs,
+    )
+
+
+def _llava_inputs(processor: VLTPProcessor) -> dict[str, torch.Tensor]:
+    """LLaVA's inputs for the self-check: the processor's prompt for [`check_image`] and `CHECK_TASK`."""
+    inputs = processor(check_image(), CHECK_TASK)
+    return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def _write_vltp(
+    output_dir: Path,
+    config: VLTPConfig,
+    state_dict: dict[str, torch.Tensor],
+    processor: VLTPProcessor,
+    dtype: torch.dtype,
+    fresh: tuple[str, ...] = (),
+    check=None,
+):
+    """
+    Write a `VLTPForTaskSegmentation` of `config` with `state_dict` and freshly initialised weights under the prefixes
+    `fresh`, its embeddings resized to the processor's tokenizer, and `processor`, into `output_dir` (staged; see
+    [`staged_output`]); `check(model, processor)` runs on the reloaded result before `output_dir` appears.
+
+    The weights go through a raw checkpoint that `from_pretrained` reads, so that the missing weights and the
+    non-persistent buffers are initialised by the model's own code, without building the model twice in memory.
+    """
+    with staged_output(output_dir) as staging:
+        with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.raw-", dir=output_dir.parent) as raw:
+            config.save_pretrained(raw)
+            save_torch_state_dict(state_dict, raw, max_shard_size=MAX_SHARD_SIZE)
+            del state_dict
+            model = from_pretrained_checked(
+                VLTPForTaskSegmentation, raw, "VLTP", allow_missing=fresh, dtype=dtype
+            )
+            # Never shrink: LLaVA-1.5's matrix has spare rows beyond its tokenizer, which may hold the new tokens.
+            num_embeddings = model.get_input_embeddings().num_embeddings
+            if len(processor.tokenizer) > num_embeddings:
+                model.resize_token_embeddings(len(processor.tokenizer))
+            register_auto_classes(model)  # the checkpoint also loads with trust_remote_code, without this package
+            register_auto_classes(processor)
+            model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE)
+            processor.save_pretrained(staging)
+            del model
+        with _quiet_transformers():
+            model = VLTPForTaskSegmentation.from_pretrained(staging, dtype=dtype).eval()
+            reloaded = VLTPProcessor.from_pretrained(staging)
+        if check is not None:
+            check(model, reloaded)
+
+
+def _compare_llava(model: VLTPForTaskSegmentation, processor: VLTPProcessor, inputs: dict, expected: torch.Tensor):
+    """Raise `ValueError` unless the reloaded processor prepares `inputs` again and `model`'s LLaVA gives exactly the
+    `expected` logits on them (over the source's vocabulary; added tokens have columns of their own)."""
+    again = _llava_inputs(processor)
+    if any(not torch.equal(again[key], value) for key, value in inputs.items()):
+        raise ValueError("Conversion check failed: the saved processor prepares the check's prompt differently.")
+    with torch.no_grad():
+        logits = model.llava(**inputs).logits[..., : expected.shape[-1]]
+    if not torch.equal(logits, expected):
+        error = relative_error(logits.float(), expected.float())
+        raise ValueError(f"Conversion check failed: LLaVA's logits differ from the source by {error:.2e} (relative).")
+
+
+def _check_sam_side(model: VLTPForTaskSegmentation, reference, pixel_values, point, tolerance):
+    compare_sam_outputs(model.vision_model, _sam_decoder_of(model), reference, pixel_values, point, tolerance)
+
+
+def load_sam_for_vltp(
+    source: str | os.PathLike, prune_layers=None, prune_rates=None, dtype: torch.dtype = torch.float32
+) -> tuple[SamModel, VLTPSamVisionModel]:
+    """
+    SAM as transformers' `SamModel` and VLTP's pruned image encoder from either a transformers SAM checkpoint
+    (`facebook/sam-vit-huge`; the prune decoder is then new) or the output of [`convert_sam`] (whose prune decoder is
+    kept unless `prune_layers` / `prune_rates` ask for a new plan).
+    """
+    source = str(source)
+    if _config_dict(source, "SAM").get("model_type") != VLTPVisionConfig.model_type:
+        sam = load_hf_sam(source, dtype=dtype)
+        return sam, vltp_vision_model_from_sam(sam, prune_layers, prune_rates).to(dtype)
+    vision = from_pretrained_checked(VLTPSamVisionModel, source, "VLTP vision", dtype=dtype)
+    sam = from_pretrained_checked(
+        SamModel,
+        source,
+        "SAM prompt encoder and mask decoder",
+        subfolder=PROMPT_MASK_DECODER_FOLDER,
+        allow_missing=("vision_encoder.",),
+        dtype=dtype,
+    )
+    try:
+        sam.vision_encoder.load_state_dict(vision.vision_encoder.state_dict(), strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{source}: the image encoder does not fit {PROMPT_MASK_DECODER_FOLDER}/config.json: {error}")
+    if prune_layers is not None or prune_rates is not None:
+        vision = vltp_vision_model_from_sam(sam, prune_layers, prune_rates).to(dtype)
+    return sam, vision
+
+
+def load_llava(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """transformers' `LlavaForConditionalGeneration` and its processor (`llava-hf/llava-1.5-7b-hf` layout), refused
+    unless every weight is there with its shape and the tokenizer's `<image>` is the model's image token."""
+    source = str(source)
+    if "mm_vision_tower" in _config_dict(source, "LLaVA"):
+        raise ValueError(
+            f"{source} is in LLaVA-v1's own layout (its config has mm_vision_tower), not transformers': convert LISA "
+            "checkpoints with convert_lisa."
+        )
+    llava = from_pretrained_checked(LlavaForConditionalGeneration, source, "LLaVA", dtype=dtype)
+    try:
+        with hub_errors(source, "download"), _quiet_transformers():
+            llava_processor = AutoProcessor.from_pretrained(source)
+    except HubError:
         raise
+    except Exception as error:
+        raise ValueError(f"{source} has no usable LLaVA processor (tokenizer and image processor): {error}") from error
+    tokenizer = llava_processor.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if IMAGE_TOKEN in tokenizer.get_vocab() else None
+    if image_token_id != llava.config.image_token_id:
+        raise ValueError(
+            f"{source}: the tokenizer's {IMAGE_TOKEN} has id {image_token_id} but the model's image_token_id is "
+            f"{llava.config.image_token_id}; the tokenizer does not belong to this model."
+        )
+    return llava, llava_processor
+
+
+def _num_image_tokens(llava_config: LlavaConfig) -> int:
+    """How many features LLaVA puts in place of one `<image>`: the vision tower's patches (and its CLS token with
+    `vision_feature_select_strategy="full"`)."""
+    vision = llava_config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (llava_config.vision_feature_select_strategy == "full")
+
+
+def convert_vltp(
+    llava: str | os.PathLike,
+    sam: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    prune_layers: list[int] | None = None,
+    prune_rates: list[float] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """
+    Build an untrained [`VLTPForTaskSegmentation`] and its [`VLTPProcessor`] from a transformers LLaVA checkpoint and
+    a SAM checkpoint, check it against both, and return `output_dir`.
+
+    The LLaVA's tokenizer gets `[SEG]` (and the embeddings grow if it does not fit), `seg_token_id` is set and the
+    processor's `num_image_tokens` follows the LLaVA config; `text_hidden_fcs` is new, and so is the prune decoder
+    unless `sam` is the output of [`convert_sam`]. Weights are written as safetensors shards of at most
+    `MAX_SHARD_SIZE`, with an `auto_map` and the model files for `trust_remote_code=True`.
+
+    The self-check reloads the result and compares LLaVA's logits on a fixed prompt and image with the source
+    `LlavaForConditionalGeneration` (exactly), and the image embeddings without guidance and the masks for one point
+    prompt with the source `SamModel`.
+
+    Args:
+        llava: a folder or Hub id in `llava-hf/llava-1.5-7b-hf`'s layout (`LlavaForConditionalGeneration` and its
+            processor).
+        sam: a folder or Hub id of a transformers `SamModel` (`facebook/sam-vit-huge`) or of [`convert_sam`]'s output.
+        output_dir: the folder to create; it must not exist or be empty. It appears only when everything succeeded.
+        prune_layers, prune_rates: the pruning plan (defaults: the paper's for that encoder, rate 0.5).
+        dtype: the dtype of every weight of the result.
+
+    Raises:
+        FileNotFoundError: no checkpoint at `llava` or `sam`.
+        FileExistsError: `output_dir` holds files.
+        ValueError: not a LLaVA / SAM checkpoint, missing, extra or misshapen weights, a tokenizer that does not fit
+            the model, or a failed self-check.
+        HubError: a Hub id that cannot be downloaded.
+    """
+    output_dir = check_output_dir(output_dir)
+    llava_model, llava_processor = load_llava(llava, dtype)
+    sam_model, vision = load_sam_for_vltp(sam, prune_layers, prune_rates, dtype)
+    tokenizer = llava_processor.tokenizer
+    seg_token_id = add_vltp_special_tokens(tokenizer)["seg_token_id"]
+    image_size = sam_model.config.vision_config.image_size
+    processor = VLTPProcessor(
+        llava_processor.image_processor,
+        _sam_image_processor(image_size),
+        tokenizer,
+        num_image_tokens=_num_image_tokens(llava_model.config),
+    )
+
+    llava_inputs = _llava_inputs(processor)
+    with torch.no_grad():
+        llava_logits = llava_model(**llava_inputs).logits
+    pixel_values, point = check_inputs(sam_model.config)
+    sam_reference = hf_sam_outputs(sam_model, pixel_values.to(dtype), point)
+
+    config = _vltp_config(llava_model.config, sam_model, vision, seg_token_id=seg_token_id)
+    state_dict = {f"llava.{key}": value for key, value in llava_model.state_dict().items()}
+    state_dict.update(_sam_state_dict(sam_model, vision))
+    del llava_model, sam_model, vision
+
+    def check(model, reloaded):
+        _compare_llava(model, reloaded, llava_inputs, llava_logits)
+        _check_sam_side(model, sam_reference, pixel_values, point, CHECK_TOLERANCE)
+
+    _write_vltp(output_dir, config, state_dict, processor, dtype, fresh=("text_hidden_fcs.",), check=check)
+    return output_dir
+
+
+
+def _local_folder(source: str | os.PathLike, what: str) -> Path:
+    """`source` as a local folder: itself, or the Hub repository's config, tokenizer and weight files downloaded."""
+    local = Path(source).expanduser()
+    if local.is_dir() or not _HUB_ID.fullmatch(str(source)):
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"No {what} checkpoint at {local} (no config.json).")
+        return local
+    with hub_errors(str(source), "download"):
+        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.model", "*.safetensors", "*.bin"]))
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers-style checkpoint folder: `model.safetensors` or `pytorch_model.bin`, single or
+    sharded with an index (memory-mapped, not read into memory)."""
+    for weights_name in ("model.safetensors", "pytorch_model.bin"):
+        index = folder / f"{weights_name}.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            break
+        if (folder / weights_name).is_file():
+            files = [weights_name]
+            break
+    else:
+        raise FileNotFoundError(f"No weights in {folder} (model.safetensors or pytorch_model.bin, or their index).")
+    state_dict = {}
+    for name in files:
+        try:
+            if name.endswith(".safetensors"):
+                state_dict.update(load_file(folder / name))
+            else:
+                state_dict.update(torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as error:
+            raise ValueError(f"Cannot read {folder / name}: {error}") from error
+    return state_dict
+
+
+def _lisa_reference_logits(
+    lisa: dict[str, torch.Tensor], llava_config: LlavaConfig, inputs: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """
+    LISA's own computation of the logits on `inputs`, from its weights: CLIP's hidden states of the selected layer
+    without the CLS token, through the single-Linear projector, in place of the image tokens of LLaMA's input
+    embeddings (what LLaVA-v1's `prepare_inputs_labels_for_multimodal` does), then LLaMA. Independent of
+    `LlavaForConditionalGeneration`.
+    """
+    clip = CLIPVisionModel(llava_config.vision_config)
+    clip.load_state_dict({key.removeprefix(_LISA_CLIP_PREFIX): value for key, value in lisa.items()
+                          if key.startswith(_LISA_CLIP_PREFIX)}, strict=True)
+    llama = LlamaForCausalLM(llava_config.text_config)
+    llama.load_state_dict(
+        {key: value for key, value in lisa.items() if key.startswith(("model.embed_tokens.", "model.layers.",
+                                                                        "model.norm.", "lm_head."))},
+        strict=True,
+    )
+    clip.eval(), llama.eval()
+    input_ids = inputs["input_ids"]
+    is_image = input_ids == llava_config.image_token_id
+    with torch.no_grad():
+        hidden = clip(inputs["pixel_values"].to(clip.dtype), output_hidden_states=True).hidden_states
+        features = F.linear(
+            hidden[llava_config.vision_feature_layer][:, 1:], lisa["model.mm_projector.weight"],
+            lisa["model.mm_projector.bias"]
+        )
+        embeds = llama.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        embeds[is_image] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        return llama(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+
+
+def convert_lisa(
+    input: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    vision_tower: str | os.PathLike | None = None,
+    sam_variant: str | SamConfig = "vit_h",
+    prune_layers: list[int] | None = None,
+    prune_rates: list[float] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """
+    Convert a LISA checkpoint (`xinlai/LISA-7B-v1`'s layout, which VLTP finetunes from) into a
+    [`VLTPForTaskSegmentation`] and its [`VLTPProcessor`], check it against LISA's own computation, and return
+    `output_dir`.
+
+    LISA's layout: LLaMA as `model.embed_tokens`, `model.layers.*`, `model.norm`, `lm_head`; the single-Linear
+    `model.mm_projector`; CLIP as `model.vision_tower.vision_tower.*` (LISA's merge script usually drops it: it is then
+    read from `vision_tower`); Meta's SAM under `model.visual_model.*`; `model.text_hidden_fcs.0.*`; a tokenizer with
+    `[SEG]` (and `<im_start>`/`<im_end>` when its config has `mm_use_im_start_end`). The result has
+    `projector="linear"`, `seg_hidden_state="before_seg"`, LISA's `[SEG]` id, and a processor with LLaVA-v1's prompt
+    (system sentence, `<im_start><image><im_end>` where LISA uses them) and as many image tokens as CLIP has patches.
+    `<image>` is added to the tokenizer (LISA marks images by a negative id) and gets a new embedding row. The prune
+    decoder is new.
+
+    The self-check reloads the result and compares LLaVA's logits with LISA's computation from the source weights
+    (CLIP, projector and LLaMA run separately, see `_lisa_reference_logits`), and SAM with Meta's `segment_anything`
+    when installed (else transformers' SAM), as [`convert_sam`] does. It needs about twice the model's size in memory.
+
+    Args:
+        input: a LISA folder or Hub id.
+        output_dir: the folder to create; it must not exist or be empty. It appears only when everything succeeded.
+        vision_tower: the CLIP checkpoint (a `CLIPModel` or `CLIPVisionModel` folder or Hub id) when `input` has no
+            vision tower weights; defaults to the config's `mm_vision_tower` (`openai/clip-vit-large-patch14`).
+        sam_variant: `"vit_b"`, `"vit_l"`, `"vit_h"` (LISA's) or a `SamConfig`.
+        prune_layers, prune_rates: the pruning plan (defaults: the paper's for that encoder, rate 0.5).
+        dtype: the dtype of every weight of the result.
+
+    Raises:
+        FileNotFoundError, FileExistsError, ValueError, HubError: as [`convert_vltp`].
+    """
+    output_dir = check_output_dir(output_dir)
+    folder = _local_folder(input, "LISA")
+    lisa_config = json.loads((folder / "config.json").read_text())
+    if lisa_config.get("model_type") != "llava" or "mm_vision_tower" not in lisa_config:
+        raise ValueError(
+            f"{input} is not a LISA checkpoint: its config.json needs model_type 'llava' and LLaVA-v1's "
+            "mm_vision_tower. For transformers' LLaVA (llava-hf) use convert_vltp."
+        )
+    lisa = {key: value.to(dtype) if value.is_floating_point() else value for key, value in read_state_dict(folder).items()}
+
+    with hub_errors(str(input), "download"), _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = tokenizer.get_vocab()
+    use_im_start_end = lisa_config.get("mm_use_im_start_end", False)
+    needed = [SEG_TOKEN] + ([LISA_IMAGE_START, LISA_IMAGE_END] if use_im_start_end else [])
+    if missing_tokens := [token for token in needed if token not in vocab]:
+        raise ValueError(f"{input}: the tokenizer lacks {missing_tokens}, which LISA's checkpoints have.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token  # as LISA pads
+    image_token_id = add_vltp_special_tokens(tokenizer)["image_token_id"]
+
+    if not any(key.startswith(_LISA_CLIP_PREFIX) for key in lisa):
+        vision_tower = str(vision_tower or lisa_config["mm_vision_tower"])
+        clip = from_pretrained_checked(
+            CLIPVisionModel,
+            vision_tower,
+            "CLIP vision tower",
+            model_types=("clip", "clip_vision_model"),
+            allow_unexpected=("text_model.", "text_projection.", "visual_projection.", "logit_scale"),
+            dtype=dtype,
+        )
+        lisa.update((_LISA_CLIP_PREFIX + key, value) for key, value in clip.state_dict().items())
+        clip_config = clip.config
+        del clip
+    else:
+        with hub_errors(str(vision_tower or input), "download"):
+            clip_config = CLIPVisionConfig.from_pretrained(vision_tower or lisa_config["mm_vision_tower"])
+
+    sam_config = sam_config_for_variant(sam_variant) if isinstance(sam_variant, str) else sam_variant
+    sam_weights = {key.removeprefix(_LISA_SAM_PREFIX): value for key, value in lisa.items()
+                   if key.startswith(_LISA_SAM_PREFIX)}
+    sam = sam_from_original_state_dict(sam_weights, sam_config, f"{input} ({_LISA_SAM_PREFIX}*)")
+    vision = vltp_vision_model_from_sam(sam, prune_layers, prune_rates).to(dtype)
+
+    llava_config = LlavaConfig(
+        vision_config=clip_config.to_dict(),
+        text_config={"model_type": "llama", **{k: lisa_config[k] for k in _LLAMA_FIELDS if k in lisa_config}},
+        image_token_id=image_token_id,
+        vision_feature_layer=lisa_config.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default",  # LLaVA-v1's "patch": the CLS token is dropped
+        image_seq_length=(clip_config.image_size // clip_config.patch_size) ** 2,
+        multimodal_projector_bias=True,
+    )
+    config = _vltp_config(
+        llava_config,
+        sam,
+        vision,
+        projector="linear",
+        seg_hidden_state="before_seg",
+        seg_token_id=tokenizer.convert_tokens_to_ids(SEG_TOKEN),
+    )
+
+    # Every weight LISA must have, by LISA's name, with the shape our model gives it (SAM's were checked above).
+    with torch.device("meta"):
+        expected = {
+            key: value.shape
+            for key, value in VLTPForTaskSegmentation(config).state_dict().items()
+            if key.startswith(("llava.", "text_hidden_fcs."))
+        }
+    found = {
+        lisa_to_vltp_key(key, sam_config): (key, value) for key, value in lisa.items() if not key.startswith(_LISA_SAM_PREFIX)
+    }
+    missing, unexpected, mismatched = _compare_shapes({k: v.shape for k, (_, v) in found.items()}, expected)
+    vltp_to_lisa = {vltp_key: lisa_key for vltp_key, (lisa_key, _) in found.items()}
+    _check_weights(
+        str(input),
+        "LISA",
+        missing=missing,
+        unexpected={vltp_to_lisa[key] for key in unexpected},
+        mismatched={vltp_to_lisa[key]: shapes for key, shapes in mismatched.items()},
+    )
+
+    template = f"USER: {LISA_IMAGE_START}{IMAGE_TOKEN}{LISA_IMAGE_END}" if use_im_start_end else f"USER: {IMAGE_TOKEN}"
+    processor = VLTPProcessor(
+        CLIPImageProcessorPil(
+            size={"shortest_edge": clip_config.image_size},
+            crop_size={"height": clip_config.image_size, "width": clip_config.image_size},
+        ),
+        _sam_image_processor(sam_config.vision_config.image_size),
+        tokenizer,
+        num_image_tokens=_num_image_tokens(llava_config),
+        prompt_template=f"{LISA_SYSTEM_PROMPT} {template}\n{{question}} ASSISTANT:",
+    )
+    llava_inputs = _llava_inputs(processor)
+    llava_logits = _lisa_reference_logits(lisa, llava_config, llava_inputs)
+    pixel_values, point = check_inputs(sam_config)
+    modeling = import_segment_anything_modeling()
+    if modeling is None:
+        logger.warning("segment-anything is not installed: checking LISA's SAM against transformers' SAM only.")
+        sam_reference, tolerance = hf_sam_outputs(sam, pixel_values.to(dtype), point), CHECK_TOLERANCE
+    else:
+        meta_sam = build_segment_anything(modeling, sam_config)
+        meta_sam.load_state_dict(sam_weights, strict=True)
+        sam_reference = segment_anything_outputs(meta_sam.to(dtype).eval(), pixel_values.to(dtype), point.to(dtype))
+        tolerance = SEGMENT_ANYTHING_CHECK_TOLERANCE
+        del meta_sam
+
+    state_dict = {key: value for key, (_, value) in found.items()}
+    state_dict.update(_sam_state_dict(sam, vision))
+    del lisa, sam_weights, sam, vision, found
+
+    def check(model, reloaded):
+        _compare_llava(model, reloaded, llava_inputs, llava_logits)
+        _check_sam_side(model, sam_reference, pixel_values, point, tolerance)
+
+    _write_vltp(output_dir, config, state_dict, processor, dtype, check=check)
     return output_dir
 
 
 __all__ = [
+    "MAX_SHARD_SIZE",
     "PROMPT_MASK_DECODER_FOLDER",
     "SAM_VARIANTS",
     "build_segment_anything",
+    "check_output_dir",
+    "compare_sam_outputs",
     "convert_sam",
+    "convert_lisa",
+    "convert_vltp",
+    "from_pretrained_checked",
     "import_segment_anything_modeling",
     "load_hf_sam",
+    "load_llava",
     "load_original_sam",
+    "load_sam_for_vltp",
+    "lisa_to_vltp_key",
     "original_to_hf_key",
+    "read_state_dict",
+    "sam_from_original_state_dict",
+    "staged_output",
     "sam_config_for_variant",
     "vltp_vision_model_from_sam",
 ]

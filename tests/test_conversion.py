@@ -263,7 +263,7 @@ def test_refuses_truncated_incomplete_and_mismatched_hf_checkpoints(tmp_path, hf
 
     full = weights_file.read_bytes()
     weights_file.write_bytes(full[: len(full) // 2])
-    with pytest.raises(ValueError, match=rf"^Cannot read the SAM checkpoint {source_dir}"):
+    with pytest.raises(ValueError, match=rf"^Cannot read the transformers SAM checkpoint {source_dir}"):
         convert_sam(source_dir, tmp_path / "out", source="hf")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 

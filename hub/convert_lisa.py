@@ -1,0 +1,49 @@
+"""Convert a LISA checkpoint (xinlai/LISA-7B-v1's layout, which VLTP finetunes from) into a VLTPForTaskSegmentation
+and its VLTPProcessor, with LISA's single-Linear projector, [SEG] id and LLaVA-v1 prompt.
+
+    python hub/convert_lisa.py --input xinlai/LISA-7B-v1 --output-dir OUT [--vision-tower openai/clip-vit-large-patch14]
+        [--sam-variant vit_h] [--prune-layers 16,24 --prune-rates 0.5,0.5] [--dtype bfloat16]
+
+The result is checked against LISA's own computation (CLIP, projector and LLaMA run separately; SAM with Meta's
+segment_anything when installed) before OUT is written; a refused or failed conversion leaves no OUT behind.
+"""
+
+import argparse
+import sys
+
+from convert_sam import comma_separated
+from convert_vltp import DTYPES
+
+from modeling_vltp.conversion import SAM_VARIANTS, convert_lisa
+from modeling_vltp.hub import HubError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="LISA folder or Hub id")
+    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
+    parser.add_argument("--vision-tower", help="CLIP folder or Hub id when the checkpoint has no vision tower weights")
+    parser.add_argument("--sam-variant", choices=SAM_VARIANTS, default="vit_h", help="LISA's SAM (default vit_h)")
+    parser.add_argument("--prune-layers", type=comma_separated(int), help="e.g. 16,24 (default: the paper's)")
+    parser.add_argument("--prune-rates", type=comma_separated(float), help="e.g. 0.5,0.5 (default: 0.5 each)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
+    args = parser.parse_args(argv)
+    try:
+        output_dir = convert_lisa(
+            args.input,
+            args.output_dir,
+            vision_tower=args.vision_tower,
+            sam_variant=args.sam_variant,
+            prune_layers=args.prune_layers,
+            prune_rates=args.prune_rates,
+            dtype=DTYPES[args.dtype],
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, HubError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Converted {args.input} to {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Build an untrained VLTPForTaskSegmentation (and its VLTPProcessor) from a transformers LLaVA checkpoint and a SAM
+checkpoint, with [SEG] added to the tokenizer.
+
+    python hub/convert_vltp.py --llava llava-hf/llava-1.5-7b-hf --sam facebook/sam-vit-huge --output-dir OUT
+        [--prune-layers 16,24 --prune-rates 0.5,0.5] [--dtype bfloat16]
+
+--sam also takes the output of hub/convert_sam.py (its prune decoder is then kept). The result is checked against
+both sources before OUT is written; a refused or failed conversion leaves no OUT behind.
+"""
+
+import argparse
+import sys
+
+import torch
+from convert_sam import comma_separated
+
+from modeling_vltp.conversion import convert_vltp
+from modeling_vltp.hub import HubError
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llava", required=True, help="folder or Hub id in llava-hf/llava-1.5-7b-hf's layout")
+    parser.add_argument("--sam", required=True, help="folder or Hub id of transformers' SAM, or convert_sam's output")
+    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
+    parser.add_argument("--prune-layers", type=comma_separated(int), help="e.g. 16,24 (default: the paper's)")
+    parser.add_argument("--prune-rates", type=comma_separated(float), help="e.g. 0.5,0.5 (default: 0.5 each)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
+    args = parser.parse_args(argv)
+    try:
+        output_dir = convert_vltp(
+            args.llava,
+            args.sam,
+            args.output_dir,
+            prune_layers=args.prune_layers,
+            prune_rates=args.prune_rates,
+            dtype=DTYPES[args.dtype],
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, HubError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Converted {args.llava} and {args.sam} to {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""convert_vltp (transformers' LLaVA + SAM) and convert_lisa (LISA's checkpoints) to VLTPForTaskSegmentation, checked
+against the source implementations; sharded saving; LoRA adapters through peft."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from test_conversion import leftovers, randomize, tiny_sam_config
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    SamModel,
+)
+
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
+from modeling_vltp.conversion import (
+    LISA_SYSTEM_PROMPT,
+    MAX_SHARD_SIZE,
+    build_segment_anything,
+    check_image,
+    check_inputs,
+    convert_lisa,
+    convert_sam,
+    convert_vltp,
+    hf_sam_outputs,
+    import_segment_anything_modeling,
+    relative_error,
+    segment_anything_outputs,
+)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAM_PARTS = ("shared_image_embedding.", "prompt_encoder.", "mask_decoder.")
+WORDS = "you can use the thing to open bottle of beer please output segmentation mask sure it is a".split()
+
+
+def word_tokenizer(added_special: list[str], added: list[str] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer that starts every text with `<s>`, like LLaMA's, with extra tokens added in order."""
+    vocab = {token: index for index, token in enumerate(["<unk>", "<s>", "</s>", *WORDS, ".", ","])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.add_tokens(list(added))
+    tokenizer.add_tokens(list(added_special), special_tokens=True)
+    return tokenizer
+
+
+def tiny_llava_config(vocab_size: int, image_token_id: int) -> LlavaConfig:
+    return LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 256,
+        },
+        image_token_id=image_token_id,
+        image_seq_length=16,
+    )
+
+
+@pytest.fixture
+def llava_checkpoint(tmp_path, request) -> tuple[Path, LlavaForConditionalGeneration]:
+    """A tiny checkpoint in `llava-hf/llava-1.5-7b-hf`'s layout: LLaVA with `<image>` and `<pad>` added to the
+    tokenizer; the embedding matrix padded to a multiple of 64 rows as llava-hf's is (`[SEG]` then fits), or exactly
+    the tokenizer's size (adding `[SEG]` then grows it)."""
+    padded = getattr(request, "param", True)
+    tokenizer = word_tokenizer(["<image>", "<pad>"])
+    tokenizer.pad_token = "<pad>"
+    vocab_size = 64 if padded else len(tokenizer)
+    config = tiny_llava_config(vocab_size, tokenizer.convert_tokens_to_ids("<image>"))
+    folder = tmp_path / "llava-hf"
+    randomize(LlavaForConditionalGeneration(config)).save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8).save_pretrained(folder)
+    # randomize() also draws the rotary frequencies, which are not saved: the source is what the folder holds.
+    return folder, LlavaForConditionalGeneration.from_pretrained(folder).eval()
+
+
+@pytest.fixture
+def sam_checkpoint(tmp_path) -> tuple[Path, SamModel]:
+    sam = randomize(SamModel(tiny_sam_config()), seed=1)
+    sam.tie_weights()
+    sam.save_pretrained(tmp_path / "sam-hf")
+    return tmp_path / "sam-hf", sam
+
+
+def llava_logits(llava, processor: VLTPProcessor) -> tuple[dict, torch.Tensor]:
+    inputs = processor(check_image(), "open the bottle of beer")
+    inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        return inputs, llava(**inputs).logits
+
+
+# -- convert_vltp ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("llava_checkpoint", [True, False], ids=["spare-rows", "grows"], indirect=True)
+def test_convert_vltp_from_llava_and_hf_sam(tmp_path, llava_checkpoint, sam_checkpoint):
+    (llava_dir, source_llava), (sam_dir, source_sam) = llava_checkpoint, sam_checkpoint
+    output_dir = convert_vltp(llava_dir, sam_dir, tmp_path / "out", prune_layers=[2], prune_rates=[0.25])
+    assert leftovers(tmp_path) == []
+
+    model = VLTPForTaskSegmentation.from_pretrained(output_dir).eval()
+    processor = VLTPProcessor.from_pretrained(output_dir)
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_vltp.VLTPConfig",
+        "AutoModel": "modeling_vltp.VLTPForTaskSegmentation",
+    }
+    assert {"configuration_vltp.py", "modeling_vltp.py", "processing_vltp.py"} <= {p.name for p in output_dir.iterdir()}
+
+    # [SEG] is a new token of the tokenizer, and the model's config knows its id.
+    source_tokenizer_size = len(LlavaProcessor.from_pretrained(llava_dir).tokenizer)
+    assert processor.seg_token_id == source_tokenizer_size == model.config.seg_token_id
+    assert processor.tokenizer.decode([processor.seg_token_id]) == "[SEG]"
+    num_embeddings = model.get_input_embeddings().num_embeddings
+    assert num_embeddings == max(source_llava.config.text_config.vocab_size, len(processor.tokenizer))
+    assert processor.num_image_tokens == 16 and model.config.projector == "mlp"
+    assert model.config.vision_config.prune_layers == [2] and model.config.vision_config.guidance_dim == 16
+
+    # LLaVA: exactly the source's logits (over the source vocabulary), with the prompt the processor builds.
+    inputs, expected = llava_logits(source_llava, processor)
+    with torch.no_grad():
+        logits = model.llava(**inputs).logits
+    torch.testing.assert_close(logits[..., : expected.shape[-1]], expected, rtol=0, atol=0)
+
+    # SAM: the image encoder without guidance and the mask decoder for one point, as transformers' SamModel.
+    pixel_values, point = check_inputs(source_sam.config)
+    expected_embeddings, expected_masks, expected_iou = hf_sam_outputs(source_sam, pixel_values, point)
+    with torch.no_grad():
+        torch.testing.assert_close(model.vision_model(pixel_values).last_hidden_state, expected_embeddings, rtol=0, atol=0)
+    decoder = SamModel(source_sam.config).eval()
+    decoder.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(SAM_PARTS)}, strict=False)
+    _, masks, iou = hf_sam_outputs(decoder, pixel_values, point, image_embeddings=expected_embeddings)
+    torch.testing.assert_close(masks, expected_masks, rtol=0, atol=0)
+    torch.testing.assert_close(iou, expected_iou, rtol=0, atol=0)
+
+    # The whole system runs: one [SEG] in the answer guides the pruning and prompts the mask decoder.
+    batch = processor(check_image(), "open the bottle of beer", answers="Sure, [SEG].")
+    with torch.no_grad():
+        outputs = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "sam_pixel_values")})
+    assert outputs.pred_masks.shape == (1, 16, 16) and outputs.keep_indices[0].shape == (1, 12)
+
+
+# -- convert_lisa ---------------------------------------------------------------------------------------------------
+
+
+def randomize_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values for the saved weights only (the rotary frequencies of LLaMA are computed, not saved)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+    return module.eval()
+
+
+class TinyLisa:
+    """A LISA checkpoint built from independent source models, so the conversion can be checked against each: LLaMA
+    (transformers' LlamaForCausalLM, whose names LISA's LLaMA weights have), CLIP (CLIPVisionModel, in its own folder as
+    LISA's merge script drops the vision tower), Meta's SAM (segment_anything) and LISA's Linear modules."""
+
+    def __init__(self, folder: Path, segment_anything):
+        self.tokenizer = word_tokenizer(["<im_start>", "<im_end>"], added=["[SEG]"])  # LISA's order: 32000-32002
+        self.tokenizer.pad_token = self.tokenizer.unk_token
+        llama_fields = dict(
+            vocab_size=len(self.tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            hidden_act="silu",
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
+        self.llama = randomize_weights(LlamaForCausalLM(LlamaConfig(**llama_fields)), seed=1)
+        self.clip = randomize_weights(
+            CLIPVisionModel(
+                CLIPVisionConfig(
+                    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+                )
+            ),
+            seed=2,
+        )
+        self.sam = randomize_weights(build_segment_anything(segment_anything, tiny_sam_config()), seed=3)
+        self.projector = randomize_weights(torch.nn.Linear(32, 64), seed=4)
+        self.text_hidden_fcs = randomize_weights(
+            torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16), torch.nn.Dropout(0.0)),
+            seed=5,
+        )
+        self.folder, self.clip_dir = folder / "lisa", folder / "clip"
+        self.clip.save_pretrained(self.clip_dir)
+        self.weights = {
+            **self.llama.state_dict(),
+            **{f"model.mm_projector.{k}": v for k, v in self.projector.state_dict().items()},
+            **{f"model.visual_model.{k}": v for k, v in self.sam.state_dict().items()},
+            **{f"model.text_hidden_fcs.0.{k}": v for k, v in self.text_hidden_fcs.state_dict().items()},
+        }
+        self.config = {
+            "architectures": ["LISAForCausalLM"],
+            "model_type": "llava",
+            "mm_vision_tower": str(self.clip_dir),
+            "mm_hidden_size": 32,
+            "mm_vision_select_layer": -2,
+            "mm_use_im_start_end": True,
+            "use_mm_proj": True,
+            "out_dim": 16,
+            "train_mask_decoder": True,
+            "torch_dtype": "float32",
+            **llama_fields,
+        }
+        self.write()
+
+    def write(self, weights: dict | None = None):
+        """LISA's files: config.json, the tokenizer, and the weights as two pytorch_model-*.bin shards with an index."""
+        weights = self.weights if weights is None else weights
+        self.folder.mkdir(exist_ok=True)
+        for old in self.folder.glob("pytorch_model*"):
+            old.unlink()
+        (self.folder / "config.json").write_text(json.dumps(self.config))
+        self.tokenizer.save_pretrained(self.folder)
+        keys = sorted(weights)
+        shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+        for name, shard_keys in shards.items():
+            torch.save({key: weights[key].contiguous() for key in shard_keys}, self.folder / name)
+        weight_map = {key: name for name, shard_keys in shards.items() for key in shard_keys}
+        (self.folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.fixture
+def segment_anything():
+    modeling = import_segment_anything_modeling()
+    if modeling is None:
+        pytest.skip("segment-anything is not installed (pip install segment-anything)")
+    return modeling
+
+
+@pytest.fixture
+def lisa(tmp_path, segment_anything) -> TinyLisa:
+    return TinyLisa(tmp_path, segment_anything)
+
+
+def test_convert_lisa_matches_llama_clip_and_segment_anything(tmp_path, lisa):
+    output_dir = convert_lisa(lisa.folder, tmp_path / "out", sam_variant=tiny_sam_config(), prune_layers=[2])
+    assert leftovers(tmp_path) == []
+    model = VLTPForTaskSegmentation.from_pretrained(output_dir).eval()
+    processor = VLTPProcessor.from_pretrained(output_dir)
+    config = model.config
+    assert config.projector == "linear" and config.seg_hidden_state == "before_seg"
+    assert config.seg_token_id == lisa.tokenizer.convert_tokens_to_ids("[SEG]") == processor.seg_token_id
+    assert config.llava_config.vision_feature_layer == -2 and processor.num_image_tokens == 16
+    assert not hasattr(model.llava.model.multi_modal_projector, "linear_2")
+
+    # LISA's prompt: LLaVA-v1's system sentence, the image between <im_start> and <im_end>.
+    inputs = processor(check_image(), "open the bottle of beer")
+    ids = inputs["input_ids"][0].tolist()
+    start, end = (lisa.tokenizer.convert_tokens_to_ids(token) for token in ("<im_start>", "<im_end>"))
+    image = processor.image_token_id
+    assert ids[ids.index(start) : ids.index(end) + 1] == [start] + [image] * 16 + [end]
+    assert processor.build_prompt("x").startswith(LISA_SYSTEM_PROMPT + " USER: <im_start><image><im_end>\n")
+
+    with torch.no_grad():
+        # LLaMA: text alone gives LlamaForCausalLM's logits (over LISA's vocabulary; <image> is a new row).
+        text_ids = torch.tensor([[1, 5, 6, 7, 8, 9, len(lisa.tokenizer) - 3]])
+        torch.testing.assert_close(
+            model.llava(input_ids=text_ids).logits[..., : len(lisa.tokenizer)], lisa.llama(text_ids).logits, rtol=0, atol=0
+        )
+        # With the image: CLIP's second-to-last layer without CLS, through LISA's Linear, in place of the image tokens.
+        features = lisa.projector(lisa.clip(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:])
+        is_image = inputs["input_ids"] == image
+        embeds = lisa.llama.get_input_embeddings()(inputs["input_ids"].masked_fill(is_image, 0))
+        embeds[is_image] = features.reshape(-1, 64)
+        expected = lisa.llama(inputs_embeds=embeds).logits
+        logits = model.llava(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+        ).logits
+        torch.testing.assert_close(logits[..., : len(lisa.tokenizer)], expected, rtol=0, atol=0)
+        # text_hidden_fcs: LISA's Linear-ReLU-Linear.
+        hidden = torch.randn(3, 64)
+        torch.testing.assert_close(model.text_hidden_fcs(hidden), lisa.text_hidden_fcs(hidden), rtol=0, atol=0)
+
+    # SAM: Meta's segment_anything. Its image encoder agrees in float64 to rounding; its prompt encoder only runs in
+    # float32, where Meta's attention code rounds differently from transformers' (a wrongly mapped weight is off by O(1)).
+    pixel_values, point = check_inputs(tiny_sam_config())
+    expected_embeddings, expected_masks, expected_iou = segment_anything_outputs(lisa.sam, pixel_values, point)
+    with torch.no_grad():
+        embeddings = model.double().vision_model(pixel_values.double()).last_hidden_state
+        reference = lisa.sam.double().image_encoder(pixel_values.double())
+    assert relative_error(embeddings, reference) < 1e-12
+    decoder = SamModel(tiny_sam_config()).eval()
+    decoder.load_state_dict(
+        {k: v for k, v in model.float().state_dict().items() if k.startswith(SAM_PARTS)}, strict=False
+    )
+    _, masks, iou = hf_sam_outputs(decoder, pixel_values, point, image_embeddings=expected_embeddings)
+    assert relative_error(masks, expected_masks) < 1e-4 and relative_error(iou, expected_iou) < 1e-4
