@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from test_conversion import leftovers, randomize, tiny_sam_config
 from transformers import (
@@ -23,7 +24,7 @@ from transformers import (
     SamModel,
 )
 
-from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor, VLTPSamVisionModel
 from modeling_vltp.conversion import (
     LISA_SYSTEM_PROMPT,
     MAX_SHARD_SIZE,
@@ -325,3 +326,125 @@ def test_convert_lisa_matches_llama_clip_and_segment_anything(tmp_path, lisa):
     )
     _, masks, iou = hf_sam_outputs(decoder, pixel_values, point, image_embeddings=expected_embeddings)
     assert relative_error(masks, expected_masks) < 1e-4 and relative_error(iou, expected_iou) < 1e-4
+
+
+# -- convert_sam's output as the SAM side, and the command lines ----------------------------------------------------
+
+
+def test_convert_vltp_keeps_the_prune_decoder_of_convert_sams_output(tmp_path, llava_checkpoint, sam_checkpoint):
+    sam_dir, _ = sam_checkpoint
+    vltp_sam = convert_sam(sam_dir, tmp_path / "vltp-sam", prune_layers=[1, 3], prune_rates=[0.5, 0.25])
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "hub" / "convert_vltp.py"), "--llava", str(llava_checkpoint[0]),
+         "--sam", str(vltp_sam), "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    model = VLTPForTaskSegmentation.from_pretrained(tmp_path / "out")
+    source = VLTPSamVisionModel.from_pretrained(vltp_sam)
+    assert model.config.vision_config.prune_layers == [1, 3] and model.config.vision_config.prune_rates == [0.5, 0.25]
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[key], value), key
+
+
+def test_convert_lisa_reads_a_vision_tower_inside_the_checkpoint(tmp_path, lisa):
+    # LISA checkpoints that kept the vision tower hold it as LLaVA-v1's CLIPVisionTower: model.vision_tower.vision_tower.*
+    lisa.weights.update({f"model.vision_tower.vision_tower.{k}": v for k, v in lisa.clip.state_dict().items()})
+    lisa.write()
+    output_dir = convert_lisa(lisa.folder, tmp_path / "out", sam_variant=tiny_sam_config())
+    model = VLTPForTaskSegmentation.from_pretrained(output_dir)
+    for key, value in lisa.clip.state_dict().items():
+        assert torch.equal(model.llava.model.vision_tower.state_dict()[key], value), key
+
+
+def test_convert_lisa_cli_reports_a_wrong_sam_variant_in_one_line(tmp_path, lisa):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "hub" / "convert_lisa.py"), "--input", str(lisa.folder), "--output-dir",
+         str(tmp_path / "out"), "--sam-variant", "vit_b"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {lisa.folder} (model.visual_model.*) does not match SAM vit_b: image_encoder.blocks.0.attn.proj.bias "
+        "has shape (32,), expected (768,) (201 weights differ). Wrong variant?"
+    )
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# -- refusals: a clear error and no output --------------------------------------------------------------------------
+
+
+def assert_refused(tmp_path, convert, error, match):
+    with pytest.raises(error, match=match):
+        convert(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_convert_vltp_refuses_swapped_truncated_and_mismatched_inputs(tmp_path, llava_checkpoint, sam_checkpoint):
+    (llava_dir, _), (sam_dir, _) = llava_checkpoint, sam_checkpoint
+    assert_refused(
+        tmp_path, lambda out: convert_vltp(sam_dir, llava_dir, out), ValueError,
+        r"sam-hf is not a LLaVA checkpoint: its config.json has model_type 'sam', expected 'llava'",
+    )
+    assert_refused(
+        tmp_path, lambda out: convert_vltp(llava_dir, llava_dir, out), ValueError,
+        r"llava-hf is not a transformers SAM checkpoint: .* model_type 'llava', expected 'sam'",
+    )
+    assert_refused(
+        tmp_path, lambda out: convert_vltp(tmp_path / "nothing", sam_dir, out), FileNotFoundError,
+        r"No LLaVA checkpoint at .*nothing \(no config.json\)",
+    )
+    # transformers saves LLaVA with llava-hf's names (language_model.model.*, multi_modal_projector.*); errors use the
+    # names of the loaded model.
+    weights = load_file(llava_dir / "model.safetensors")
+    weights["multi_modal_projector.linear_2.weight"] = torch.zeros(64, 32)
+    del weights["language_model.model.norm.weight"]
+    save_file(weights, llava_dir / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(
+        tmp_path, lambda out: convert_vltp(llava_dir, sam_dir, out), ValueError,
+        r"llava-hf does not match LLaVA: model.multi_modal_projector.linear_2.weight has shape \(64, 32\), expected "
+        r"\(64, 64\)",
+    )
+    del weights["multi_modal_projector.linear_2.weight"]
+    save_file(weights, llava_dir / "model.safetensors", metadata={"format": "pt"})
+    assert_refused(
+        tmp_path, lambda out: convert_vltp(llava_dir, sam_dir, out), ValueError,
+        r"llava-hf lacks 2 weights of LLaVA: model.language_model.norm.weight, "
+        r"model.multi_modal_projector.linear_2.weight\. Truncated checkpoint\?",
+    )
+
+
+def test_convert_vltp_refuses_a_tokenizer_of_another_model(tmp_path, llava_checkpoint, sam_checkpoint):
+    (llava_dir, _), (sam_dir, _) = llava_checkpoint, sam_checkpoint
+    config = json.loads((llava_dir / "config.json").read_text())
+    config["image_token_id"] = 5
+    (llava_dir / "config.json").write_text(json.dumps(config))
+    assert_refused(
+        tmp_path, lambda out: convert_vltp(llava_dir, sam_dir, out), ValueError,
+        r"the tokenizer's <image> has id \d+ but the model's image_token_id is 5",
+    )
+
+
+def test_convert_lisa_refuses_incomplete_and_foreign_checkpoints(tmp_path, lisa, llava_checkpoint):
+    convert = lambda out: convert_lisa(lisa.folder, out, sam_variant=tiny_sam_config())  # noqa: E731
+    weights = dict(lisa.weights)
+    del weights["model.text_hidden_fcs.0.2.bias"]
+    lisa.write(weights)
+    assert_refused(tmp_path, convert, ValueError, r"lisa lacks 1 weights of LISA: text_hidden_fcs.2.bias")
+    lisa.write({**lisa.weights, "model.mm_projector.weight": torch.zeros(64, 48)})
+    assert_refused(
+        tmp_path, convert, ValueError, r"lisa does not match LISA: model.mm_projector.weight has shape \(64, 48\), expected \(64, 32\)"
+    )
+    lisa.write({k: v for k, v in lisa.weights.items() if k != "model.visual_model.mask_decoder.iou_token.weight"})
+    assert_refused(
+        tmp_path, convert, ValueError,
+        r"lisa \(model.visual_model.\*\) lacks 1 weights of SAM .*: mask_decoder.iou_token.weight",
+    )
+    assert_refused(
+        tmp_path, lambda out: convert_lisa(llava_checkpoint[0], out), ValueError,
+        r"llava-hf is not a LISA checkpoint: .* For transformers' LLaVA \(llava-hf\) use convert_vltp",
+    )
+    assert_refused(
+        tmp_path, lambda out: convert_vltp(lisa.folder, llava_checkpoint[0], out), ValueError,
+        r"lisa is in LLaVA-v1's own layout .* convert LISA checkpoints with convert_lisa",
+    )
