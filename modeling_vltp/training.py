@@ -25,6 +25,7 @@ import json
 import math
 import shutil
 import time
+import types
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -163,12 +164,9 @@ class TrainConfig:
             raise TrainingInputError(f"{source}: stage must be 1 or 2, got {stage}")
         content = dict(content)
         base = Path(source).parent if source != "<config>" else Path(".")
-        top = _settings(cls, content, source, "", skip={"stage", "data", "lora", "source"})
-        for name in ("model", "output_dir"):
-            if not isinstance(content.get(name), str):
-                raise TrainingInputError(f"{source}: field '{name}': missing (a path)")
-        data = _settings(DataSettings, content.get("data"), source, "data.")
-        lora = _settings(LoraSettings, content.get("lora", {}), source, "lora.")
+        data = _settings(DataSettings, content.pop("data", None), source, "data.")
+        lora = _settings(LoraSettings, content.pop("lora", {}), source, "lora.")
+        top = _settings(cls, content, source, "", internal={"stage", "data", "lora", "source"})
         config = cls(stage=stage, data=DataSettings(**data), lora=LoraSettings(**lora), source=source, **top)
         config.model = str(_resolve(base, config.model))
         config.output_dir = str(_resolve(base, config.output_dir))
@@ -189,12 +187,13 @@ def _resolve(base: Path, path: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _settings(cls, content, source: str, prefix: str, skip: frozenset | set = frozenset()) -> dict:
-    """The fields of dataclass `cls` found in `content`, type-checked; unknown or missing fields are errors."""
+def _settings(cls, content, source: str, prefix: str, internal: frozenset | set = frozenset()) -> dict:
+    """The fields of dataclass `cls` (less the `internal` ones) found in `content`, type-checked; unknown or missing
+    fields are errors."""
     if not isinstance(content, dict):
         raise TrainingInputError(f"{source}: field '{prefix.rstrip('.') or 'config'}': expected a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
-    unknown = sorted(set(content) - set(fields) - set(skip))
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in internal}
+    unknown = sorted(set(content) - set(fields))
     if unknown:
         raise TrainingInputError(f"{source}: unknown field '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
     values = {}
@@ -208,23 +207,21 @@ def _settings(cls, content, source: str, prefix: str, skip: frozenset | set = fr
 
 
 def _check_type(value, annotation, where: str):
-    """`value` if it fits the (simple) type `annotation`; YAML's `3e-4` (a string) is read as a float."""
-    options = getattr(annotation, "__args__", None) if not isinstance(annotation, type) else None
-    if options is None or getattr(annotation, "__origin__", None) is list:
-        options = (annotation,)
+    """`value` if it fits `annotation` (int, float, str, bool, dict, list[...] or a union of them); YAML reads `3e-4`
+    as a string, so strings are accepted as floats."""
+    options = annotation.__args__ if isinstance(annotation, types.UnionType) else (annotation,)
     for option in options:
-        origin = getattr(option, "__origin__", option)
         if option is type(None) and value is None:
             return None
-        if origin is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return float(value)
             except ValueError:
                 continue
-        if origin is list and isinstance(value, list):
+        if getattr(option, "__origin__", None) is list and isinstance(value, list):
             (item_type,) = option.__args__
             return [_check_type(item, item_type, where) for item in value]
-        if origin in (int, str, bool, dict) and isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+        if option in (int, str, bool, dict) and isinstance(value, option) and not (option is int and isinstance(value, bool)):
             return value
     raise TrainingInputError(f"{where}: expected {annotation}, got {value!r:.60}")
 
@@ -266,19 +263,16 @@ def load_split(data: DataSettings, split: str, max_samples: int | None = None, s
 
     Raises [`TrainingInputError`] for a missing file, a malformed record or a split whose targets are all empty.
     """
+    if data.format not in ("rio", "coco_tasks"):
+        raise TrainingInputError(f"{source}: field 'data.format': expected 'rio' or 'coco_tasks', got {data.format!r}")
     try:
         if data.format == "rio":
             dataset = load_rio(data.annotations, data.images, split)
-        elif data.format == "coco_tasks":
-            names = data.task_names
-            names = SYNTHETIC_TASK_NAMES if names == "synthetic" else names
+        else:
+            names = SYNTHETIC_TASK_NAMES if data.task_names == "synthetic" else data.task_names
             extra = {"task_names": tuple(names)} if names is not None else {}
             dataset = load_coco_tasks(data.annotations, data.images, split, tasks=data.tasks, **extra)
-        else:
-            raise TrainingInputError(f"{source}: field 'data.format': expected 'rio' or 'coco_tasks', got {data.format!r}")
     except (FileNotFoundError, ValueError) as error:
-        if isinstance(error, TrainingInputError):
-            raise
         raise TrainingInputError(f"{source}: data ({data.format}, split {split!r}): {error}") from None
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
@@ -435,8 +429,8 @@ class VLTPTrainer(Trainer):
 
     def weighted_loss(self, outputs) -> torch.Tensor:
         config = self._config()
-        parts = [getattr(config, f"{name}_weight") * getattr(outputs, name) for name in self.losses]
-        return sum(part for part in parts if part is not None)
+        parts = {name: getattr(outputs, name) for name in self.losses}
+        return sum(getattr(config, f"{name}_weight") * part for name, part in parts.items() if part is not None)
 
     def _forward(self, model, inputs):
         model_inputs = {name: inputs[name] for name in self.input_names if name in inputs}
@@ -802,11 +796,11 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None]:
         raise config.error("model", f"{model_dir} holds a {vltp_config.model_type!r} model, not a VLTP checkpoint")
     if Path(config.output_dir).resolve() == model_dir.resolve():
         raise config.error("output_dir", "must differ from 'model', which the run reads")
+    if config.data.format not in ("rio", "coco_tasks"):
+        raise config.error("data.format", f"expected 'rio' or 'coco_tasks', got {config.data.format!r}")
     for name in ("annotations", "images"):
         if not Path(getattr(config.data, name)).exists():
             raise config.error(f"data.{name}", f"no such file or folder: {getattr(config.data, name)}")
-    if config.data.format not in ("rio", "coco_tasks"):
-        raise config.error("data.format", f"expected 'rio' or 'coco_tasks', got {config.data.format!r}")
     if config.lora.r < 1 or config.lora.alpha <= 0 or not 0 <= config.lora.dropout < 1:
         raise config.error("lora", f"need r >= 1, alpha > 0 and dropout in [0, 1), got {config.lora}")
     bad_answers = [answer for answer in config.answers if answer.count("[SEG]") != 1]

@@ -20,6 +20,7 @@ from modeling_vltp.data import load_rio, synthetic
 from modeling_vltp.metrics import compute_tos_metrics
 from modeling_vltp.testing import tiny_config, tiny_model_and_processor
 from modeling_vltp.training import (
+    LoraSettings,
     TOSMetrics,
     TrainConfig,
     VLTPDataCollator,
@@ -115,9 +116,7 @@ def weights(directory) -> dict:
 def test_stage1_wraps_only_the_trained_parts(base_model):
     model = VLTPForTaskSegmentation.from_pretrained(base_model)
     processor = VLTPProcessor.from_pretrained(base_model)
-    peft_model = prepare_stage1_model(model, processor, TrainConfig.from_dict(
-        {"model": "m", "output_dir": "o", "data": {"format": "rio", "annotations": "a", "images": "i"}}, stage=1
-    ).lora)
+    peft_model = prepare_stage1_model(model, processor, LoraSettings())
     trainable = [name for name, parameter in peft_model.named_parameters() if parameter.requires_grad]
     groups = {
         "lora": r"llava\.model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)\.lora_[AB]\.",
@@ -352,6 +351,8 @@ BAD_INPUTS = {
         1, lambda c, t, w: c["data"].update(annotations=str(_rio_with_empty_masks(w, t / "ann"))), "no target masks"
     ),
     "unknown field": (1, lambda c, t, w: c.update(learning_rate=1), "unknown field 'learning_rate'"),
+    "unknown data field": (1, lambda c, t, w: c["data"].update(split="train"), "unknown field 'data.split'"),
+    "wrong type": (1, lambda c, t, w: c["lora"].update(r="eight"), "field 'lora.r': expected <class 'int'>"),
     "unknown training argument": (1, lambda c, t, w: c["training"].update(lr=1), "field 'training.lr': not a field"),
     "rates in stage 1": (1, lambda c, t, w: c.update(prune_rates=[0.5]), "stage 1 trains the dense model"),
     "resume without checkpoint": (1, lambda c, t, w: c.update(resume_from_checkpoint=True), "no checkpoint-\\* folder"),
