@@ -1,4 +1,5 @@
-"""Proof that the training loop learns: the tiny system, from scratch, on the synthetic task world, on the CPU.
+"""Does the training loop learn? The tiny system, from scratch, on the synthetic task world, on the CPU (issue item 5;
+see docs/training.md for the numbers so far, which do not yet show it).
 
 1. Pretraining stand-in: every weight of the tiny system is trained densely on the training split (in the real system
    this is what the pretrained SAM and LLaVA bring).
