@@ -50,7 +50,7 @@ from transformers import (
 from transformers.utils import logging
 
 from .configuration_vltp import SAM_VISION_PRESETS, VLTPConfig, VLTPVisionConfig
-from .hub import HubError, hub_errors, register_auto_classes
+from .hub import MAX_SHARD_SIZE, HubError, hub_errors, register_auto_classes
 from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel
 from .processing_vltp import IMAGE_TOKEN, SEG_TOKEN, VLTPProcessor, add_vltp_special_tokens
 
@@ -567,9 +567,6 @@ def convert_sam(
 
 # -- VLTPForTaskSegmentation from LLaVA and SAM, or from LISA --------------------------------------------------------
 
-# transformers 5 writes up to 50GB per file by default, so a 7B VLTP model (31 GB in float32) would be a single file;
-# the Hub and most tools work best with files of a few GB, the size transformers 4 wrote.
-MAX_SHARD_SIZE = "5GB"
 CHECK_TASK = "you can use the thing to open the bottle of beer"
 # LLaVA-v1's system sentence (conv_llava_v1), which LISA's checkpoints were trained with.
 LISA_SYSTEM_PROMPT = (

@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
+from peft import PeftModel
 from transformers import PreTrainedModel, ProcessorMixin
 
 from .configuration_vltp import VLTPVisionConfig
@@ -42,6 +43,9 @@ CITATION = """\
 }"""
 
 CARD_IMAGE_SIZE = 1024
+# transformers 5 writes up to 50GB per file by default, so a 7B VLTP model (31 GB in float32) would be a single file;
+# the Hub and most tools work best with files of a few GB, the size transformers 4 wrote.
+MAX_SHARD_SIZE = "5GB"
 
 
 class HubError(RuntimeError):
@@ -257,8 +261,62 @@ def register_auto_classes(model_or_processor):
         raise TypeError(f"Expected a model or a processor, got {type(model_or_processor).__name__}.")
 
 
+def adapter_card(
+    adapter: PeftModel, repo_id: str | None = None, *, base_model: str | None = None, license: str = "apache-2.0"
+) -> str:
+    """
+    The README.md of a LoRA adapter of a VLTP model: Hub metadata, the base checkpoint it applies to, the LoRA
+    settings, how to load and merge it, and the paper.
+
+    Args:
+        adapter: a `peft.PeftModel` around a VLTP model.
+        repo_id: where the card will live, used in the code example (defaults to "<namespace>/<name>").
+        base_model: the Hub id of the VLTP checkpoint the adapter was trained on.
+        license: the license of the weights.
+    """
+    repo_id = repo_id or "<namespace>/<name>"
+    base_class = type(adapter.get_base_model()).__name__
+    lora = adapter.peft_config[adapter.active_adapter]
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(sorted(lora.target_modules))
+    metadata = ModelCardData(
+        license=license,
+        library_name="peft",
+        base_model=base_model,
+        tags=["vltp", "lora", "task-oriented-segmentation"],
+    ).to_yaml()
+    base = f'"{base_model}"' if base_model else '"<base VLTP checkpoint>"'
+    usage = "\n".join(
+        [
+            "```python",
+            "from peft import PeftModel",
+            f"from modeling_vltp import {base_class}",
+            "",
+            f"base = {base_class}.from_pretrained({base})",
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+            f"model = model.merge_and_unload()  # a plain {base_class} again",
+            "```",
+        ]
+    )
+    sections = [
+        f"---\n{metadata}\n---",
+        f"# {repo_id.split('/')[-1]}",
+        f"A {lora.peft_type.value} adapter for `{base_class}`, VLTP's vision-language guided token pruning for "
+        f"task-oriented segmentation ([paper]({PAPER_URL}), package `modeling-vltp`). It holds only the adapter "
+        "weights: load the base checkpoint first.",
+        "## Base weights\n\n"
+        + (f"[`{base_model}`](https://huggingface.co/{base_model})." if base_model else "Base weights: not stated."),
+        "## Adapter\n\n| setting | value |\n| --- | --- |\n"
+        f"| rank r | {lora.r} |\n| alpha | {lora.lora_alpha} |\n| dropout | {lora.lora_dropout} |\n"
+        f"| target modules | `{targets}` |\n"
+        f"| also trained in full | {', '.join(f'`{name}`' for name in sorted(lora.modules_to_save or [])) or 'none'} |",
+        "## How to use\n\n" + usage,
+        f"## Citation\n\n```bibtex\n{CITATION}\n```",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
 def push_to_hub_with_card(
-    model_or_processor: PreTrainedModel | ProcessorMixin,
+    obj: PreTrainedModel | ProcessorMixin | PeftModel,
     repo_id: str,
     *,
     token: str | None = None,
@@ -268,38 +326,49 @@ def push_to_hub_with_card(
     **card_kwargs,
 ) -> str:
     """
-    Push a VLTP model or processor to `repo_id` (created if needed) in one commit, with its remote-code files and
-    `auto_map`, and return the commit URL.
+    Push a VLTP model, processor or LoRA adapter to `repo_id` (created if needed) in one commit and return the commit
+    URL. Models and processors go with their remote-code files and `auto_map`; models in safetensors shards of at most
+    `MAX_SHARD_SIZE`; adapters as peft saves them (adapter files only, no base weights).
 
     A model gets a README.md: `card`, or [`model_card`] called with `card_kwargs` (`base_model`, `metrics`,
-    `metrics_dataset`, `license`). A processor gets one only when `card` is given, so that pushing it next to a model
-    keeps the model's card.
+    `metrics_dataset`, `license`); an adapter likewise from [`adapter_card`] (`base_model`, `license`). A processor
+    gets one only when `card` is given, so that pushing it next to a model keeps the model's card.
 
-    Registers the classes with the Auto classes (config → AutoConfig, model → AutoModel, processor → AutoProcessor);
-    from then on every `save_pretrained` of those classes writes an `auto_map` too, as transformers intends.
+    Registers a model's or processor's classes with the Auto classes (config → AutoConfig, model → AutoModel,
+    processor → AutoProcessor); from then on every `save_pretrained` of those classes writes an `auto_map` too, as
+    transformers intends.
 
     Raises:
         HubError: offline, endpoint unreachable, missing repository, permission denied, other HTTP errors; the
             one-line message names the repository.
     """
-    register_auto_classes(model_or_processor)
-    if card is None and isinstance(model_or_processor, PreTrainedModel):
-        card = model_card(model_or_processor, repo_id, **card_kwargs)
-    elif card_kwargs:
-        raise TypeError(f"Unexpected arguments {sorted(card_kwargs)}: they only describe a model's generated card.")
+    save_kwargs = {}
+    if isinstance(obj, PeftModel):
+        card = card or adapter_card(obj, repo_id, **card_kwargs)
+    else:
+        register_auto_classes(obj)
+        if isinstance(obj, PreTrainedModel):
+            card = card or model_card(obj, repo_id, **card_kwargs)
+            save_kwargs["max_shard_size"] = MAX_SHARD_SIZE
+        elif card_kwargs:
+            raise TypeError(f"Unexpected arguments {sorted(card_kwargs)}: they only describe a generated card.")
     api = HfApi(token=token)
     with hub_errors(repo_id, "push to"):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            model_or_processor.save_pretrained(folder)
+            obj.save_pretrained(folder, **save_kwargs)
             if card is not None:
                 Path(folder, "README.md").write_text(card, encoding="utf-8")
             commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or f"Upload {type(model_or_processor).__name__}",
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message or f"Upload {type(obj).__name__}"
             )
     return commit.commit_url
 
 
-__all__ = ["HubError", "encoder_gmacs", "hub_errors", "model_card", "push_to_hub_with_card", "register_auto_classes"]
+__all__ = [
+    "MAX_SHARD_SIZE",
+    "HubError",
+    "adapter_card",
+    "encoder_gmacs", "hub_errors", "model_card", "push_to_hub_with_card",
+    "register_auto_classes",
+]

@@ -1,6 +1,7 @@
 """convert_vltp (transformers' LLaVA + SAM) and convert_lisa (LISA's checkpoints) to VLTPForTaskSegmentation, checked
 against the source implementations; sharded saving; LoRA adapters through peft."""
 
+import inspect
 import json
 import subprocess
 import sys
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from test_conversion import leftovers, randomize, tiny_sam_config
@@ -20,11 +23,12 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     SamModel,
 )
 
-from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor, VLTPSamVisionModel
+from modeling_vltp import VLTPConfig, VLTPForTaskSegmentation, VLTPProcessor, VLTPSamVisionModel
 from modeling_vltp.conversion import (
     LISA_SYSTEM_PROMPT,
     MAX_SHARD_SIZE,
@@ -39,9 +43,11 @@ from modeling_vltp.conversion import (
     relative_error,
     segment_anything_outputs,
 )
+from modeling_vltp.testing import tiny_model_and_processor
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TIED_KEY = "prompt_encoder.shared_embedding.positional_embedding"  # saved once, as shared_image_embedding
 SAM_PARTS = ("shared_image_embedding.", "prompt_encoder.", "mask_decoder.")
 WORDS = "you can use the thing to open bottle of beer please output segmentation mask sure it is a".split()
 
@@ -448,3 +454,89 @@ def test_convert_lisa_refuses_incomplete_and_foreign_checkpoints(tmp_path, lisa,
         tmp_path, lambda out: convert_vltp(lisa.folder, llava_checkpoint[0], out), ValueError,
         r"lisa is in LLaVA-v1's own layout .* convert LISA checkpoints with convert_lisa",
     )
+
+
+# -- saving: safetensors shards -------------------------------------------------------------------------------------
+
+
+def task_batch(processor: VLTPProcessor) -> dict:
+    image = check_image()
+    batch = processor([image, image[::-1].copy()], ["open the bottle of beer", "cut the food"], answers="Sure, [SEG].")
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "sam_pixel_values")}
+
+
+def task_outputs(model, batch: dict) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        outputs = model(**batch)
+    return {key: outputs[key] for key in ("logits", "seg_embeds", "pred_masks", "iou_scores")}
+
+
+def test_save_pretrained_in_shards_reloads_identically(tmp_path):
+    model, processor = tiny_model_and_processor()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    files = sorted(path.name for path in (tmp_path / "sharded").iterdir())
+    shards = [name for name in files if name.startswith("model-") and name.endswith(".safetensors")]
+    assert len(shards) >= 3 and "model.safetensors.index.json" in files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)  # safetensors only
+    weight_map = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(weight_map.values()) == set(shards)
+
+    reloaded = VLTPForTaskSegmentation.from_pretrained(tmp_path / "sharded").eval()
+    expected = model.state_dict()
+    assert reloaded.state_dict().keys() == expected.keys()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    batch = task_batch(processor)
+    for key, value in task_outputs(reloaded, batch).items():
+        torch.testing.assert_close(value, task_outputs(model, batch)[key], rtol=0, atol=0)
+
+
+def test_the_7b_preset_is_written_in_several_shards():
+    with torch.device("meta"):  # sizes only: nothing is allocated
+        state_dict = VLTPForTaskSegmentation(VLTPConfig.llava15_7b_sam_vit_h()).state_dict()
+    num_parameters = sum(value.numel() for key, value in state_dict.items() if key != TIED_KEY)
+    assert 7.6e9 < num_parameters < 7.8e9  # LLaVA-1.5-7B (7.06B) + SAM ViT-H with the prune decoder
+    split = split_torch_state_dict_into_shards(state_dict, max_shard_size=MAX_SHARD_SIZE)
+    assert split.is_sharded and len(split.filename_to_tensors) == 7  # 30.9 GB in float32, at most 5 GB per file
+    # transformers 5's own default (50GB) would write one 31 GB file: conversions and pushes pass MAX_SHARD_SIZE.
+    default = inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+    assert not split_torch_state_dict_into_shards(state_dict, max_shard_size=default).is_sharded
+
+
+# -- LoRA adapters through peft -------------------------------------------------------------------------------------
+
+
+def lora_model(model: VLTPForTaskSegmentation):
+    """LoRA on the language model's q_proj and v_proj (LISA's targets), with random weights so that it changes the
+    outputs (peft starts B at zero)."""
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False
+    )
+    return get_peft_model(model, config).eval()
+
+
+def test_lora_adapter_saves_alone_loads_onto_a_base_and_merges(tmp_path):
+    model, processor = tiny_model_and_processor()
+    model.save_pretrained(tmp_path / "base")
+    batch = task_batch(processor)
+    base_outputs = task_outputs(model, batch)
+    adapter = lora_model(model)
+    adapted = task_outputs(adapter, batch)
+    assert not torch.allclose(adapted["logits"], base_outputs["logits"])
+
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in key and "language_model" in key for key in saved)  # no base weights
+    assert {key.rsplit(".", 3)[-3] for key in saved} == {"q_proj", "v_proj"}
+
+    base = VLTPForTaskSegmentation.from_pretrained(tmp_path / "base").eval()
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    for key, value in task_outputs(loaded, batch).items():
+        torch.testing.assert_close(value, adapted[key], rtol=0, atol=0)
+    merged = loaded.merge_and_unload()
+    assert type(merged) is VLTPForTaskSegmentation
+    assert not any("lora_" in key for key in merged.state_dict())
+    for key, value in task_outputs(merged, batch).items():
+        torch.testing.assert_close(value, adapted[key], rtol=1e-5, atol=1e-5)

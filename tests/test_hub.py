@@ -18,13 +18,15 @@ from packaging import version
 from test_vision_model import tiny_config, tiny_model
 from transformers import AutoModel
 
-from modeling_vltp import VLTPSamVisionModel, VLTPVisionConfig, count_gmacs
+from modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel, VLTPVisionConfig, count_gmacs
 from modeling_vltp.hub import HubError, encoder_gmacs, hub_errors, model_card, push_to_hub_with_card
-from modeling_vltp.testing import tiny_processor
+from modeling_vltp.testing import tiny_model_and_processor, tiny_processor
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "testorg/vltp-tiny"
+FULL_REPO_ID = "testorg/vltp-tiny-system"
+ADAPTER_REPO_ID = "testorg/vltp-tiny-lora"
 
 
 def model_inputs(seed: int = 1):
@@ -198,22 +200,53 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent("""\
     import torch
     from transformers import AutoModel, AutoProcessor
 
-    workdir = sys.argv[1]
-    pixel_values, guidance = torch.load(f"{workdir}/inputs.pt")
+    workdir, sources = sys.argv[1], sys.argv[2:]
+    calls, (image, task) = torch.load(f"{workdir}/inputs.pt")
     results = {}
-    for source in sys.argv[2:]:
+    for source in sources:
         model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         with torch.no_grad():
-            dense = model(pixel_values).last_hidden_state
-            pruned = model(pixel_values, guidance_embeds=guidance)
-        results[source] = (dense, pruned.last_hidden_state, pruned.keep_indices)
-    processor = AutoProcessor.from_pretrained(sys.argv[-1], trust_remote_code=True)
+            results[source] = [dict(model(**kwargs)) for kwargs in calls]
+    processor = AutoProcessor.from_pretrained(sources[-1], trust_remote_code=True)
     assert type(processor).__module__.startswith("transformers_modules."), type(processor).__module__
-    image = torch.arange(24 * 32 * 3, dtype=torch.uint8).reshape(24, 32, 3).numpy()
-    results["processor"] = dict(processor(image, "open the bottle of beer"))
+    results["processor"] = dict(processor(image.numpy(), task))
     torch.save(results, f"{workdir}/outputs.pt")
 """)
+
+
+def run_remote_code(tmp_path: Path, model, processor, sources: list[str], calls: list[dict]):
+    """Load each of `sources` with `trust_remote_code=True` in a fresh process where `modeling_vltp` cannot be imported,
+    run it on each of `calls` (keyword arguments), run the last source's processor on an image and a task, and check
+    that every output equals `model`'s and `processor`'s here."""
+    image, task = torch.arange(24 * 32 * 3, dtype=torch.uint8).reshape(24, 32, 3), "open the bottle of beer"
+    torch.save((calls, (image, task)), tmp_path / "inputs.pt")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    subprocess.run(
+        [sys.executable, "-I", "-c", _REMOTE_CODE_SCRIPT, str(tmp_path), *sources], check=True, cwd=tmp_path, env=env
+    )
+    results = torch.load(tmp_path / "outputs.pt")
+    with torch.no_grad():
+        expected = [dict(model(**kwargs)) for kwargs in calls]
+    for source in sources:
+        assert_equal_nested(results[source], expected)
+    assert_equal_nested(results["processor"], dict(processor(image.numpy(), task)))
+
+
+def assert_equal_nested(actual, expected):
+    """Exact equality of tensors in (nested) lists, tuples and dicts."""
+    if isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    elif isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            assert_equal_nested(actual[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            assert_equal_nested(a, e)
+    else:
+        assert actual == expected
 
 
 def test_remote_code_without_the_package_from_a_folder_and_from_the_hub(tmp_path, hub):
@@ -226,23 +259,51 @@ def test_remote_code_without_the_package_from_a_folder_and_from_the_hub(tmp_path
         "modeling_vltp.VLTPSamVisionModel"
     )
     pixel_values, guidance = model_inputs()
-    torch.save((pixel_values, guidance), tmp_path / "inputs.pt")
+    calls = [{"pixel_values": pixel_values}, {"pixel_values": pixel_values, "guidance_embeds": guidance}]
+    run_remote_code(tmp_path, model, processor, [str(local_dir), REPO_ID], calls)
 
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    subprocess.run(
-        [sys.executable, "-I", "-c", _REMOTE_CODE_SCRIPT, str(tmp_path), str(local_dir), REPO_ID],
-        check=True,
-        cwd=tmp_path,
-        env=env,
-    )
 
-    results = torch.load(tmp_path / "outputs.pt")
-    expected = outputs_of(model, pixel_values, guidance)
-    assert_same_outputs(results[str(local_dir)], expected)
-    assert_same_outputs(results[REPO_ID], expected)
-    image = np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3)
-    for key, value in processor(image, "open the bottle of beer").items():
-        torch.testing.assert_close(results["processor"][key], value, rtol=0, atol=0)
+def test_remote_code_of_the_full_model_and_processor(tmp_path, hub):
+    model, processor = tiny_model_and_processor()
+    push_to_hub_with_card(model, FULL_REPO_ID)
+    push_to_hub_with_card(processor, FULL_REPO_ID)
+    config = json.loads(Path(HfApi().hf_hub_download(FULL_REPO_ID, "config.json")).read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_vltp.VLTPConfig",
+        "AutoModel": "modeling_vltp.VLTPForTaskSegmentation",
+    }
+    image = np.arange(40 * 56 * 3, dtype=np.uint8).reshape(40, 56, 3)
+    batch = processor([image, image[::-1].copy()], ["open the bottle of beer", "cut the food"], answers="Sure, [SEG].")
+    calls = [{key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "sam_pixel_values")}]
+    run_remote_code(tmp_path, model, processor, [FULL_REPO_ID], calls)
+
+
+# -- LoRA adapters on the Hub ---------------------------------------------------------------------------------------
+
+
+def test_push_adapter_with_card_then_pull_and_merge(tmp_path, hub):
+    from peft import PeftModel
+    from test_conversion_vltp import lora_model, task_batch, task_outputs
+
+    model, processor = tiny_model_and_processor()
+    push_to_hub_with_card(model, FULL_REPO_ID)
+    adapter = lora_model(model)
+    adapted = task_outputs(adapter, task_batch(processor))
+    push_to_hub_with_card(adapter, ADAPTER_REPO_ID, base_model=FULL_REPO_ID)
+
+    api = HfApi()
+    files = set(api.list_repo_files(ADAPTER_REPO_ID)) - {".gitattributes"}
+    assert files == {"README.md", "adapter_config.json", "adapter_model.safetensors"}  # no base weights
+    card = ModelCard(Path(api.hf_hub_download(ADAPTER_REPO_ID, "README.md")).read_text())
+    assert card.data.library_name == "peft" and card.data.base_model == FULL_REPO_ID
+    assert "| rank r | 4 |" in card.text and f'PeftModel.from_pretrained(base, "{ADAPTER_REPO_ID}")' in card.text
+
+    base = VLTPForTaskSegmentation.from_pretrained(FULL_REPO_ID).eval()
+    pulled = PeftModel.from_pretrained(base, ADAPTER_REPO_ID).eval()
+    assert_equal_nested(task_outputs(pulled, task_batch(processor)), adapted)
+    merged = pulled.merge_and_unload()
+    assert type(merged) is VLTPForTaskSegmentation
+    torch.testing.assert_close(task_outputs(merged, task_batch(processor)), adapted, rtol=1e-5, atol=1e-5)
 
 
 # -- pulls from olah ------------------------------------------------------------------------------------------------
