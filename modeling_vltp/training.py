@@ -36,7 +36,6 @@ import torch
 import yaml
 from datasets import Dataset, DatasetDict, load_from_disk
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
 from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEmbedding, SamPromptEncoder
 
