@@ -53,11 +53,6 @@ class RandomTokenScores(nn.Module):
 def pretrain(world: Path, output: Path, steps: int, batch_size: int, learning_rate: float, seed: int) -> None:
     """Train every weight of the tiny system densely (LM + mask losses), the stand-in for pretrained SAM and LLaVA."""
     model, processor = tiny_model_and_processor(seed=seed)
-    with torch.no_grad():  # `tiny_model_and_processor` draws the ViT's LayerNorm scales at std 0.02 too: start them at 1
-        for module in model.vision_model.vision_encoder.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
     dense = [0.0] * len(model.config.vision_config.prune_layers)
     config = TrainConfig.from_dict(
         {

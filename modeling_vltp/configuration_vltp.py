@@ -193,9 +193,8 @@ class VLTPConfig(PreTrainedConfig):
     mask_dice_loss_weight: float = 0.5
     prune_loss_weight: float = 1.0
     initializer_range: float = 0.02
-    # Ties SAM's two copies of the random-Fourier positional encoding, as `SamConfig` does; LLaVA's own word
-    # embeddings follow `llava_config.tie_word_embeddings`.
-    tie_word_embeddings: bool = True
+    # LLaVA's word embeddings follow `llava_config.tie_word_embeddings` (untied in LLaVA-1.5).
+    tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         for name, config_class in self.sub_configs.items():

@@ -578,6 +578,13 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
         self.mask_decoder = SamMaskDecoder(config.mask_decoder_config)
         self.post_init()
 
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        # SAM's two copies of the positional encoding are one parameter whatever `tie_word_embeddings` says (which
+        # is about LLaVA's word embeddings, and which peft's `merge_and_unload` resets).
+        if all_submodels:
+            return super().get_expanded_tied_weights_keys(all_submodels=True)
+        return dict(self._tied_weights_keys)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.llava.get_input_embeddings()
 
@@ -610,6 +617,21 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
         if self.config.seg_hidden_state == "before_seg":
             positions = positions - 1
         return samples, positions
+
+    def seg_embeddings(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
+        """LLaVA on a teacher-forced batch and the projected `[SEG]` states: returns LLaVA's output, the embeddings
+        (S, guidance_dim) that guide SAM, and the sample each `[SEG]` belongs to (S,)."""
+        llm = self.llava(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            labels=labels,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        samples, positions = self.seg_positions(input_ids)
+        seg_embeds = self.text_hidden_fcs(llm.hidden_states[self.config.seg_hidden_layer][samples, positions])
+        return llm, seg_embeds, samples
 
     def decode_masks(
         self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None
@@ -670,17 +692,7 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
                 f"got {tuple(masks.shape)}."
             )
 
-        llm = self.llava(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            labels=labels,
-            output_hidden_states=True,
-            return_dict=True,
-        )
-        samples, positions = self.seg_positions(input_ids)
-        hidden = llm.hidden_states[self.config.seg_hidden_layer][samples, positions]
-        seg_embeds = self.text_hidden_fcs(hidden)
+        llm, seg_embeds, samples = self.seg_embeddings(input_ids, attention_mask, pixel_values, labels)
         losses = {"lm_loss": llm.loss}
         if len(samples) > 0:
             pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values[samples], seg_embeds, prune_rates)

@@ -169,13 +169,15 @@ def tiny_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
 def tiny_model_and_processor(seed: int = 0) -> tuple[VLTPForTaskSegmentation, VLTPProcessor]:
     """A small random [`VLTPForTaskSegmentation`] (in eval mode) and the [`VLTPProcessor`] it fits, built offline.
 
-    SAM's ViT weights are drawn with std 0.02 (SAM's own initializer range of 1e-10 would make every image token
-    alike), so pruning has distinct tokens to choose from.
+    SAM's ViT weight matrices, positional and relative-position tables are drawn with std 0.02 (SAM's own initializer
+    range of 1e-10 would make every image token alike), so pruning has distinct tokens to choose from; biases and
+    LayerNorms keep their usual initialisation.
     """
     processor = tiny_processor()
     torch.manual_seed(seed)
     model = VLTPForTaskSegmentation(tiny_config(processor))
     with torch.no_grad():
         for parameter in model.vision_model.vision_encoder.parameters():
-            parameter.normal_(0.0, 0.02)
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.02)
     return model.eval(), processor

@@ -517,11 +517,7 @@ def merge_stage1(base_model: str, adapter_dir: str, output_dir: str) -> VLTPForT
     from peft import PeftModel
 
     model = VLTPForTaskSegmentation.from_pretrained(base_model)
-    tie_word_embeddings = model.config.tie_word_embeddings
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    # peft unties the config when LLaVA's input and output embeddings differ, which they always do here; VLTPConfig's
-    # flag also governs the tie of SAM's positional embedding, so keep it as it was.
-    merged.config.tie_word_embeddings = tie_word_embeddings
     merged.save_pretrained(output_dir)
     VLTPProcessor.from_pretrained(base_model).save_pretrained(output_dir)
     return merged
@@ -624,19 +620,14 @@ class VLTPSamSegmenter(VLTPPreTrainedModel):
 
 @torch.no_grad()
 def seg_embeddings(model: VLTPForTaskSegmentation, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projected `[SEG]` states of a teacher-forced batch, (S, guidance_dim), and the sample of each: what
-    `VLTPForTaskSegmentation.forward` feeds SAM, computed by LLaVA and `text_hidden_fcs` alone."""
+    """The projected `[SEG]` states of a teacher-forced batch, (S, guidance_dim), and the sample of each."""
     device = model.device
-    input_ids = batch["input_ids"].to(device)
-    output = model.llava(
-        input_ids=input_ids,
-        attention_mask=batch["attention_mask"].to(device),
-        pixel_values=batch["pixel_values"].to(device, model.dtype),
-        output_hidden_states=True,
-        return_dict=True,
+    _, seg_embeds, samples = model.seg_embeddings(
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        batch["pixel_values"].to(device, model.dtype),
     )
-    samples, positions = model.seg_positions(input_ids)
-    return model.text_hidden_fcs(output.hidden_states[model.config.seg_hidden_layer][samples, positions]), samples
+    return seg_embeds, samples
 
 
 def build_seg_cache(

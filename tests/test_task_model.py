@@ -136,6 +136,7 @@ def test_save_and_load_reproduce_outputs(tmp_path, trained):
     assert isinstance(AutoConfig.from_pretrained(tmp_path), VLTPConfig)
     positional = loaded.prompt_encoder.shared_embedding.positional_embedding
     assert positional.data_ptr() == loaded.shared_image_embedding.positional_embedding.data_ptr()
+    assert not loaded.llava.config.tie_word_embeddings, "LLaVA's own word embeddings stay untied"
     batch = training_batch(processor)
     with torch.no_grad():
         expected, actual = model(**batch), loaded(**training_batch(loaded_processor))
@@ -222,3 +223,14 @@ def test_single_linear_projector_option(tmp_path):
     assert torch.equal(reloaded.llava.model.multi_modal_projector.linear_1.weight, expected)
     with pytest.raises(ValueError, match="projector must be 'mlp' or 'linear'"):
         VLTPConfig(projector="conv")
+
+
+def test_sam_positional_encoding_stays_tied_whatever_tie_word_embeddings_says(tmp_path):
+    """peft's merge_and_unload resets `tie_word_embeddings`; SAM's shared positional encoding must survive that."""
+    model, _ = tiny_model_and_processor()
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(tmp_path)
+    loaded = VLTPForTaskSegmentation.from_pretrained(tmp_path)
+    expected = model.shared_image_embedding.positional_embedding
+    assert torch.equal(loaded.shared_image_embedding.positional_embedding, expected)
+    assert torch.equal(loaded.prompt_encoder.shared_embedding.positional_embedding, expected)
