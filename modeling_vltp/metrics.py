@@ -66,8 +66,6 @@ def compute_tos_metrics(
         raise ValueError(f"got {len(predictions)} predictions but {len(references)} references")
     if not len(references):
         raise ValueError("no samples to evaluate")
-    if hasattr(task_ids, "tolist"):  # numpy array or tensor: hash plain Python values, not array scalars
-        task_ids = task_ids.tolist()
     if task_ids is not None and len(task_ids) != len(references):
         raise ValueError(f"got {len(task_ids)} task ids for {len(references)} samples")
 
@@ -81,13 +79,29 @@ def compute_tos_metrics(
             )
         intersections.append(int(np.logical_and(prediction, reference).sum()))
         unions.append(int(np.logical_or(prediction, reference).sum()))
+    return tos_metrics_from_counts(intersections, unions, task_ids, empty_target_iou)
+
+
+def tos_metrics_from_counts(
+    intersections: Sequence[int],
+    unions: Sequence[int],
+    task_ids: Sequence[Hashable] | None = None,
+    empty_target_iou: float = 1.0,
+) -> dict:
+    """The metrics of [`compute_tos_metrics`] from each sample's pixel intersection and union, for evaluation loops
+    that count pixels as they go instead of keeping every mask."""
+    if len(intersections) != len(unions):
+        raise ValueError(f"got {len(intersections)} intersections but {len(unions)} unions")
+    if hasattr(task_ids, "tolist"):  # numpy array or tensor: hash plain Python values, not array scalars
+        task_ids = task_ids.tolist()
+    intersections, unions = [int(i) for i in intersections], [int(u) for u in unions]
 
     def summary(indices) -> dict:
         ious = [_iou(intersections[i], unions[i], empty_target_iou) for i in indices]
         total = _iou(sum(intersections[i] for i in indices), sum(unions[i] for i in indices), empty_target_iou)
         return {"gIoU": float(np.mean(ious)), "cIoU": total}
 
-    results = summary(range(len(references)))
+    results = summary(range(len(intersections)))
     if task_ids is not None:
         samples_of_task = defaultdict(list)
         for index, task in enumerate(task_ids):

@@ -44,6 +44,7 @@ from .data import load_coco_tasks, load_rio
 from .data.masks import decode_mask_batch
 from .data.synthetic import TASK_NAMES as SYNTHETIC_TASK_NAMES
 from .flops import count_gmacs
+from .metrics import tos_metrics_from_counts
 from .modeling_vltp import (
     VLTPForTaskSegmentation,
     VLTPPreTrainedModel,
@@ -346,26 +347,6 @@ def mask_overlaps(processor: VLTPProcessor, pred_masks, seg_sample_indices, batc
     return torch.tensor(counts, dtype=torch.int64)
 
 
-def tos_scores(intersections, unions, task_ids=None, empty_target_iou: float = 1.0) -> dict:
-    """gIoU (mean per-sample IoU), cIoU (total intersection over total union) and, with `task_ids`, the mean of the
-    tasks' cIoU (`mIoU_tasks`), from per-sample pixel counts, as `metrics.compute_tos_metrics` defines them (a sample
-    with empty target and prediction scores `empty_target_iou`)."""
-    intersections, unions = np.asarray(intersections, dtype=np.float64), np.asarray(unions, dtype=np.float64)
-
-    def ious(inter, union):
-        return np.where(union > 0, inter / np.maximum(union, 1), empty_target_iou)
-
-    scores = {
-        "gIoU": float(ious(intersections, unions).mean()),
-        "cIoU": float(ious(intersections.sum(), unions.sum())),
-    }
-    if task_ids is not None:
-        task_ids = np.asarray(task_ids)
-        per_task = [ious(intersections[task_ids == t].sum(), unions[task_ids == t].sum()) for t in np.unique(task_ids)]
-        scores["mIoU_tasks"] = float(np.mean(per_task))
-    return scores
-
-
 def vision_gmacs(vision_config: VLTPVisionConfig, prune_rates) -> float:
     """GMACs of one image through SAM's ViT at `prune_rates`, prune decoder included, counted on the meta device.
     All rates 0 counts SAM's plain ViT (no prune decoder), the paper's baseline rows."""
@@ -386,7 +367,8 @@ class TOSMetrics:
 
     def __call__(self, prediction: EvalPrediction) -> dict:
         counts = np.asarray(prediction.predictions)
-        return {**tos_scores(counts[:, 0], counts[:, 1], prediction.label_ids), "gmacs": self.gmacs}
+        scores = tos_metrics_from_counts(counts[:, 0], counts[:, 1], prediction.label_ids)
+        return {**{k: v for k, v in scores.items() if k != "per_task"}, "gmacs": self.gmacs}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -893,7 +875,7 @@ def evaluate_rates(
     results = []
     for index, rates in enumerate(rates_list):
         counts = torch.cat(overlaps[index]).numpy()
-        scores = tos_scores(counts[:, 0], counts[:, 1], task_ids)
+        scores = tos_metrics_from_counts(counts[:, 0], counts[:, 1], task_ids)
         results.append({"prune_rates": list(rates), **scores, "gmacs": vision_gmacs(model.config.vision_config, rates)})
     return results
 
@@ -918,7 +900,6 @@ __all__ = [
     "merge_stage1",
     "prepare_stage1_model",
     "seg_embeddings",
-    "tos_scores",
     "train",
     "train_stage1",
     "train_stage2",

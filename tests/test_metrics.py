@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_vltp.metrics import compute_tos_metrics, tos_metric_path
+from modeling_vltp.metrics import compute_tos_metrics, tos_metric_path, tos_metrics_from_counts
 
 
 def _mask(shape, pixels):
@@ -131,3 +131,15 @@ def test_evaluate_module_loads_offline_and_matches(tmp_path):
     expected = compute_tos_metrics(PREDICTIONS, REFERENCES, task_ids=["a", "a", "b", "b"])
     assert from_evaluate == json.loads(json.dumps(expected))  # JSON round-trips floats exactly
     assert os.path.isfile(os.path.join(tos_metric_path(), "tos_iou.py"))
+
+
+def test_metrics_from_pixel_counts_match_the_masks():
+    rng = np.random.default_rng(0)
+    predictions = [rng.random((5, 7)) > 0.5 for _ in range(6)] + [np.zeros((3, 3), bool)]
+    references = [rng.random((5, 7)) > 0.6 for _ in range(6)] + [np.zeros((3, 3), bool)]
+    tasks = np.array([1, 1, 2, 2, 3, 3, 3])
+    intersections = [int((p & r).sum()) for p, r in zip(predictions, references)]
+    unions = [int((p | r).sum()) for p, r in zip(predictions, references)]
+    from_counts = tos_metrics_from_counts(intersections, unions, tasks)
+    assert from_counts == compute_tos_metrics(predictions, references, tasks)
+    assert from_counts["per_task"][3]["num_samples"] == 3
