@@ -1,8 +1,9 @@
 """Convert a LISA checkpoint (xinlai/LISA-7B-v1's layout, which VLTP finetunes from) into a VLTPForTaskSegmentation
 and its VLTPProcessor, with LISA's single-Linear projector, [SEG] id and LLaVA-v1 prompt.
 
-    python hub/convert_lisa.py --input xinlai/LISA-7B-v1 --output-dir OUT [--vision-tower openai/clip-vit-large-patch14]
-        [--sam-variant vit_h] [--prune-layers 16,24 --prune-rates 0.5,0.5] [--dtype bfloat16]
+    python hub/convert_lisa.py --input xinlai/LISA-7B-v1 --output-dir OUT
+        [--vision-tower openai/clip-vit-large-patch14] [--sam-variant vit_h]
+        [--prune-layers 16,24 --prune-rates 0.5,0.5] [--dtype bfloat16]
 
 The result is checked against LISA's own computation (CLIP, projector and LLaMA run separately; SAM with Meta's
 segment_anything when installed) before OUT is written; a refused or failed conversion leaves no OUT behind.

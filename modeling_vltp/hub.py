@@ -277,6 +277,7 @@ def adapter_card(
     repo_id = repo_id or "<namespace>/<name>"
     base_class = type(adapter.get_base_model()).__name__
     lora = adapter.peft_config[adapter.active_adapter]
+    full_modules = ", ".join(f"`{name}`" for name in sorted(lora.modules_to_save or [])) or "none"
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(sorted(lora.target_modules))
     metadata = ModelCardData(
         license=license,
@@ -308,7 +309,7 @@ def adapter_card(
         "## Adapter\n\n| setting | value |\n| --- | --- |\n"
         f"| rank r | {lora.r} |\n| alpha | {lora.lora_alpha} |\n| dropout | {lora.lora_dropout} |\n"
         f"| target modules | `{targets}` |\n"
-        f"| also trained in full | {', '.join(f'`{name}`' for name in sorted(lora.modules_to_save or [])) or 'none'} |",
+        f"| also trained in full | {full_modules} |",
         "## How to use\n\n" + usage,
         f"## Citation\n\n```bibtex\n{CITATION}\n```",
     ]
@@ -369,6 +370,9 @@ __all__ = [
     "MAX_SHARD_SIZE",
     "HubError",
     "adapter_card",
-    "encoder_gmacs", "hub_errors", "model_card", "push_to_hub_with_card",
+    "encoder_gmacs",
+    "hub_errors",
+    "model_card",
+    "push_to_hub_with_card",
     "register_auto_classes",
 ]

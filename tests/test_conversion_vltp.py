@@ -11,6 +11,7 @@ import pytest
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from test_conversion import leftovers, randomize, tiny_sam_config
@@ -58,9 +59,7 @@ def word_tokenizer(added_special: list[str], added: list[str] = ()) -> PreTraine
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tokenizer.add_tokens(list(added))
     tokenizer.add_tokens(list(added_special), special_tokens=True)
     return tokenizer
@@ -141,7 +140,9 @@ def test_convert_vltp_from_llava_and_hf_sam(tmp_path, llava_checkpoint, sam_chec
         "AutoConfig": "configuration_vltp.VLTPConfig",
         "AutoModel": "modeling_vltp.VLTPForTaskSegmentation",
     }
-    assert {"configuration_vltp.py", "modeling_vltp.py", "processing_vltp.py"} <= {p.name for p in output_dir.iterdir()}
+    assert {"configuration_vltp.py", "modeling_vltp.py", "processing_vltp.py"} <= {
+        p.name for p in output_dir.iterdir()
+    }
 
     # [SEG] is a new token of the tokenizer, and the model's config knows its id.
     source_tokenizer_size = len(LlavaProcessor.from_pretrained(llava_dir).tokenizer)
@@ -162,7 +163,9 @@ def test_convert_vltp_from_llava_and_hf_sam(tmp_path, llava_checkpoint, sam_chec
     pixel_values, point = check_inputs(source_sam.config)
     expected_embeddings, expected_masks, expected_iou = hf_sam_outputs(source_sam, pixel_values, point)
     with torch.no_grad():
-        torch.testing.assert_close(model.vision_model(pixel_values).last_hidden_state, expected_embeddings, rtol=0, atol=0)
+        torch.testing.assert_close(
+            model.vision_model(pixel_values).last_hidden_state, expected_embeddings, rtol=0, atol=0
+        )
     decoder = SamModel(source_sam.config).eval()
     decoder.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(SAM_PARTS)}, strict=False)
     _, masks, iou = hf_sam_outputs(decoder, pixel_values, point, image_embeddings=expected_embeddings)
@@ -191,8 +194,8 @@ def randomize_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module
 
 class TinyLisa:
     """A LISA checkpoint built from independent source models, so the conversion can be checked against each: LLaMA
-    (transformers' LlamaForCausalLM, whose names LISA's LLaMA weights have), CLIP (CLIPVisionModel, in its own folder as
-    LISA's merge script drops the vision tower), Meta's SAM (segment_anything) and LISA's Linear modules."""
+    (transformers' LlamaForCausalLM, whose names LISA's LLaMA weights have), CLIP (CLIPVisionModel, in its own folder
+    as LISA's merge script drops the vision tower), Meta's SAM (segment_anything) and LISA's Linear modules."""
 
     def __init__(self, folder: Path, segment_anything):
         self.tokenizer = word_tokenizer(["<im_start>", "<im_end>"], added=["[SEG]"])  # LISA's order: 32000-32002
@@ -216,7 +219,12 @@ class TinyLisa:
         self.clip = randomize_weights(
             CLIPVisionModel(
                 CLIPVisionConfig(
-                    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=3,
+                    num_attention_heads=2,
+                    image_size=32,
+                    patch_size=8,
                 )
             ),
             seed=2,
@@ -224,7 +232,9 @@ class TinyLisa:
         self.sam = randomize_weights(build_segment_anything(segment_anything, tiny_sam_config()), seed=3)
         self.projector = randomize_weights(torch.nn.Linear(32, 64), seed=4)
         self.text_hidden_fcs = randomize_weights(
-            torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16), torch.nn.Dropout(0.0)),
+            torch.nn.Sequential(
+                torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16), torch.nn.Dropout(0.0)
+            ),
             seed=5,
         )
         self.folder, self.clip_dir = folder / "lisa", folder / "clip"
@@ -251,7 +261,7 @@ class TinyLisa:
         self.write()
 
     def write(self, weights: dict | None = None):
-        """LISA's files: config.json, the tokenizer, and the weights as two pytorch_model-*.bin shards with an index."""
+        """LISA's files: config.json, the tokenizer, the weights as two pytorch_model-*.bin shards with an index."""
         weights = self.weights if weights is None else weights
         self.folder.mkdir(exist_ok=True)
         for old in self.folder.glob("pytorch_model*"):
@@ -302,10 +312,15 @@ def test_convert_lisa_matches_llama_clip_and_segment_anything(tmp_path, lisa):
         # LLaMA: text alone gives LlamaForCausalLM's logits (over LISA's vocabulary; <image> is a new row).
         text_ids = torch.tensor([[1, 5, 6, 7, 8, 9, len(lisa.tokenizer) - 3]])
         torch.testing.assert_close(
-            model.llava(input_ids=text_ids).logits[..., : len(lisa.tokenizer)], lisa.llama(text_ids).logits, rtol=0, atol=0
+            model.llava(input_ids=text_ids).logits[..., : len(lisa.tokenizer)],
+            lisa.llama(text_ids).logits,
+            rtol=0,
+            atol=0,
         )
         # With the image: CLIP's second-to-last layer without CLS, through LISA's Linear, in place of the image tokens.
-        features = lisa.projector(lisa.clip(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:])
+        features = lisa.projector(
+            lisa.clip(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
+        )
         is_image = inputs["input_ids"] == image
         embeds = lisa.llama.get_input_embeddings()(inputs["input_ids"].masked_fill(is_image, 0))
         embeds[is_image] = features.reshape(-1, 64)
@@ -319,7 +334,7 @@ def test_convert_lisa_matches_llama_clip_and_segment_anything(tmp_path, lisa):
         torch.testing.assert_close(model.text_hidden_fcs(hidden), lisa.text_hidden_fcs(hidden), rtol=0, atol=0)
 
     # SAM: Meta's segment_anything. Its image encoder agrees in float64 to rounding; its prompt encoder only runs in
-    # float32, where Meta's attention code rounds differently from transformers' (a wrongly mapped weight is off by O(1)).
+    # float32, where Meta's attention code rounds differently from transformers' (a wrong weight is off by O(1)).
     pixel_values, point = check_inputs(tiny_sam_config())
     expected_embeddings, expected_masks, expected_iou = segment_anything_outputs(lisa.sam, pixel_values, point)
     with torch.no_grad():
@@ -341,9 +356,18 @@ def test_convert_vltp_keeps_the_prune_decoder_of_convert_sams_output(tmp_path, l
     sam_dir, _ = sam_checkpoint
     vltp_sam = convert_sam(sam_dir, tmp_path / "vltp-sam", prune_layers=[1, 3], prune_rates=[0.5, 0.25])
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "hub" / "convert_vltp.py"), "--llava", str(llava_checkpoint[0]),
-         "--sam", str(vltp_sam), "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO_ROOT / "hub" / "convert_vltp.py"),
+            "--llava",
+            str(llava_checkpoint[0]),
+            "--sam",
+            str(vltp_sam),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     model = VLTPForTaskSegmentation.from_pretrained(tmp_path / "out")
@@ -353,8 +377,15 @@ def test_convert_vltp_keeps_the_prune_decoder_of_convert_sams_output(tmp_path, l
         assert torch.equal(model.vision_model.state_dict()[key], value), key
 
 
+def test_convert_lisa_in_bfloat16(tmp_path, lisa):
+    # The self-check compares LISA's own computation within bfloat16 rounding, and SAM in float32.
+    output_dir = convert_lisa(lisa.folder, tmp_path / "out", sam_variant=tiny_sam_config(), dtype=torch.bfloat16)
+    with safe_open(output_dir / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"BF16"}
+
+
 def test_convert_lisa_reads_a_vision_tower_inside_the_checkpoint(tmp_path, lisa):
-    # LISA checkpoints that kept the vision tower hold it as LLaVA-v1's CLIPVisionTower: model.vision_tower.vision_tower.*
+    # LISA checkpoints that kept the vision tower hold it in LLaVA-v1's CLIPVisionTower: model.vision_tower.vision_tower.
     lisa.weights.update({f"model.vision_tower.vision_tower.{k}": v for k, v in lisa.clip.state_dict().items()})
     lisa.write()
     output_dir = convert_lisa(lisa.folder, tmp_path / "out", sam_variant=tiny_sam_config())
@@ -365,9 +396,18 @@ def test_convert_lisa_reads_a_vision_tower_inside_the_checkpoint(tmp_path, lisa)
 
 def test_convert_lisa_cli_reports_a_wrong_sam_variant_in_one_line(tmp_path, lisa):
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "hub" / "convert_lisa.py"), "--input", str(lisa.folder), "--output-dir",
-         str(tmp_path / "out"), "--sam-variant", "vit_b"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO_ROOT / "hub" / "convert_lisa.py"),
+            "--input",
+            str(lisa.folder),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--sam-variant",
+            "vit_b",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
@@ -389,15 +429,21 @@ def assert_refused(tmp_path, convert, error, match):
 def test_convert_vltp_refuses_swapped_truncated_and_mismatched_inputs(tmp_path, llava_checkpoint, sam_checkpoint):
     (llava_dir, _), (sam_dir, _) = llava_checkpoint, sam_checkpoint
     assert_refused(
-        tmp_path, lambda out: convert_vltp(sam_dir, llava_dir, out), ValueError,
+        tmp_path,
+        lambda out: convert_vltp(sam_dir, llava_dir, out),
+        ValueError,
         r"sam-hf is not a LLaVA checkpoint: its config.json has model_type 'sam', expected 'llava'",
     )
     assert_refused(
-        tmp_path, lambda out: convert_vltp(llava_dir, llava_dir, out), ValueError,
+        tmp_path,
+        lambda out: convert_vltp(llava_dir, llava_dir, out),
+        ValueError,
         r"llava-hf is not a transformers SAM checkpoint: .* model_type 'llava', expected 'sam'",
     )
     assert_refused(
-        tmp_path, lambda out: convert_vltp(tmp_path / "nothing", sam_dir, out), FileNotFoundError,
+        tmp_path,
+        lambda out: convert_vltp(tmp_path / "nothing", sam_dir, out),
+        FileNotFoundError,
         r"No LLaVA checkpoint at .*nothing \(no config.json\)",
     )
     # transformers saves LLaVA with llava-hf's names (language_model.model.*, multi_modal_projector.*); errors use the
@@ -407,14 +453,18 @@ def test_convert_vltp_refuses_swapped_truncated_and_mismatched_inputs(tmp_path, 
     del weights["language_model.model.norm.weight"]
     save_file(weights, llava_dir / "model.safetensors", metadata={"format": "pt"})
     assert_refused(
-        tmp_path, lambda out: convert_vltp(llava_dir, sam_dir, out), ValueError,
+        tmp_path,
+        lambda out: convert_vltp(llava_dir, sam_dir, out),
+        ValueError,
         r"llava-hf does not match LLaVA: model.multi_modal_projector.linear_2.weight has shape \(64, 32\), expected "
         r"\(64, 64\)",
     )
     del weights["multi_modal_projector.linear_2.weight"]
     save_file(weights, llava_dir / "model.safetensors", metadata={"format": "pt"})
     assert_refused(
-        tmp_path, lambda out: convert_vltp(llava_dir, sam_dir, out), ValueError,
+        tmp_path,
+        lambda out: convert_vltp(llava_dir, sam_dir, out),
+        ValueError,
         r"llava-hf lacks 2 weights of LLaVA: model.language_model.norm.weight, "
         r"model.multi_modal_projector.linear_2.weight\. Truncated checkpoint\?",
     )
@@ -426,7 +476,9 @@ def test_convert_vltp_refuses_a_tokenizer_of_another_model(tmp_path, llava_check
     config["image_token_id"] = 5
     (llava_dir / "config.json").write_text(json.dumps(config))
     assert_refused(
-        tmp_path, lambda out: convert_vltp(llava_dir, sam_dir, out), ValueError,
+        tmp_path,
+        lambda out: convert_vltp(llava_dir, sam_dir, out),
+        ValueError,
         r"the tokenizer's <image> has id \d+ but the model's image_token_id is 5",
     )
 
@@ -439,19 +491,28 @@ def test_convert_lisa_refuses_incomplete_and_foreign_checkpoints(tmp_path, lisa,
     assert_refused(tmp_path, convert, ValueError, r"lisa lacks 1 weights of LISA: text_hidden_fcs.2.bias")
     lisa.write({**lisa.weights, "model.mm_projector.weight": torch.zeros(64, 48)})
     assert_refused(
-        tmp_path, convert, ValueError, r"lisa does not match LISA: model.mm_projector.weight has shape \(64, 48\), expected \(64, 32\)"
+        tmp_path,
+        convert,
+        ValueError,
+        r"lisa does not match LISA: model.mm_projector.weight has shape \(64, 48\), expected \(64, 32\)",
     )
     lisa.write({k: v for k, v in lisa.weights.items() if k != "model.visual_model.mask_decoder.iou_token.weight"})
     assert_refused(
-        tmp_path, convert, ValueError,
+        tmp_path,
+        convert,
+        ValueError,
         r"lisa \(model.visual_model.\*\) lacks 1 weights of SAM .*: mask_decoder.iou_token.weight",
     )
     assert_refused(
-        tmp_path, lambda out: convert_lisa(llava_checkpoint[0], out), ValueError,
+        tmp_path,
+        lambda out: convert_lisa(llava_checkpoint[0], out),
+        ValueError,
         r"llava-hf is not a LISA checkpoint: .* For transformers' LLaVA \(llava-hf\) use convert_vltp",
     )
     assert_refused(
-        tmp_path, lambda out: convert_vltp(lisa.folder, llava_checkpoint[0], out), ValueError,
+        tmp_path,
+        lambda out: convert_vltp(lisa.folder, llava_checkpoint[0], out),
+        ValueError,
         r"lisa is in LLaVA-v1's own layout .* convert LISA checkpoints with convert_lisa",
     )
 

@@ -216,9 +216,9 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent("""\
 
 
 def run_remote_code(tmp_path: Path, model, processor, sources: list[str], calls: list[dict]):
-    """Load each of `sources` with `trust_remote_code=True` in a fresh process where `modeling_vltp` cannot be imported,
-    run it on each of `calls` (keyword arguments), run the last source's processor on an image and a task, and check
-    that every output equals `model`'s and `processor`'s here."""
+    """Load each of `sources` with `trust_remote_code=True` in a fresh process where `modeling_vltp` cannot be
+    imported, run it on each of `calls` (keyword arguments), run the last source's processor on an image and a task,
+    and check that every output equals `model`'s and `processor`'s here."""
     image, task = torch.arange(24 * 32 * 3, dtype=torch.uint8).reshape(24, 32, 3), "open the bottle of beer"
     torch.save((calls, (image, task)), tmp_path / "inputs.pt")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
