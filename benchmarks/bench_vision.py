@@ -100,8 +100,8 @@ def main():
         f"{torch.get_num_threads()} threads, median of {args.runs}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}"
     )
-    print(f"| variant | GMACs | median ms | speedup vs ours dense | speedup / MAC-ideal |")
-    print(f"|---|---|---|---|---|")
+    print("| variant | GMACs | median ms | speedup vs ours dense | speedup / MAC-ideal |")
+    print("|---|---|---|---|---|")
     dense_ms, dense_gmacs = statistics.median(times["ours dense"]), gmacs["ours dense"]
     for name in variants:
         ms = statistics.median(times[name])

@@ -6,11 +6,11 @@ from .configuration_vltp import SAM_VISION_PRESETS, VLTPConfig, VLTPVisionConfig
 from .flops import count_gmacs
 from .modeling_vltp import (
     VLTPForTaskSegmentation,
-    VLTPSegmentationResult,
-    VLTPTaskSegmentationOutput,
     VLTPPreTrainedModel,
     VLTPPruneDecoder,
     VLTPSamVisionModel,
+    VLTPSegmentationResult,
+    VLTPTaskSegmentationOutput,
     VLTPVisionOutput,
     dice_loss,
     pruning_targets,

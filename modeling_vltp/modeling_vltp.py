@@ -9,8 +9,8 @@ How pruning runs inside SAM's ViT (paper Sec. 4.2-4.4):
 - At each stage m (after layer l_m) the prune decoder scores all N tokens of the full 64x64 grid, including the tokens
   frozen at the previous stage (reactivation). The top K_m = N - round(r_m N) tokens go on; their indices are sorted so
   the packed tokens stay in raster order.
-- Until the next stage, LayerNorm, qkv, proj and MLP run on a packed (B, K_m, C) tensor (gather by index, scatter back),
-  so the pruned tokens really leave the computation. Pruned tokens keep their features unchanged.
+- Until the next stage, LayerNorm, qkv, proj and MLP run on a packed (B, K_m, C) tensor (gather by index, scatter
+  back), so the pruned tokens really leave the computation. Pruned tokens keep their features unchanged.
 - Attention: in windowed layers the packed qkv is scattered into SAM's padded window grid, whose empty places hold
   exactly what SAM's zero padding produces (the qkv bias), and the pruned places are masked as keys; so a kept token
   attends to the kept tokens of its own 14x14 window plus SAM's padding keys of that window. In global layers the kept
@@ -86,9 +86,7 @@ class VLTPPruneDecoder(nn.Module):
         self.conv2 = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, bias=False)
         self.layer_norm2 = SamLayerNorm(hidden, data_format="channels_first")
         self.query_token = nn.Parameter(torch.zeros(1, hidden))
-        self.guidance_proj = (
-            nn.Identity() if config.guidance_dim == hidden else nn.Linear(config.guidance_dim, hidden)
-        )
+        self.guidance_proj = nn.Identity() if config.guidance_dim == hidden else nn.Linear(config.guidance_dim, hidden)
         transformer_config = SamMaskDecoderConfig(
             hidden_size=hidden,
             num_hidden_layers=config.prune_decoder_num_hidden_layers,
@@ -196,8 +194,8 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
     - Kept tokens attend only to kept tokens: in windowed layers to the kept tokens of their own window plus SAM's
       padding keys of that window, in global layers to all kept tokens; relative positions come from each token's
       original coordinates.
-    - The pruned tokens leave the computation: LayerNorm, qkv, proj and MLP run on a packed (B, K, C) tensor. K is fixed
-      per stage, so shapes are static and batches of images with different kept sets work.
+    - The pruned tokens leave the computation: LayerNorm, qkv, proj and MLP run on a packed (B, K, C) tensor. K is
+      fixed per stage, so shapes are static and batches of images with different kept sets work.
     - Training: the selection itself is the same hard top-K. When autograd records, each stage's output is gated by a
       straight-through version of the smoothed mask of Eq. 11 (`sigmoid((P_s - t_m) / T)`, value exactly 1 on kept
       tokens), so the segmentation loss reaches the prune decoder while the forward values stay those of inference;
@@ -262,7 +260,9 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
                 hidden_states, all_hidden_states = self._run_dense(layers, hidden_states, all_hidden_states)
                 continue
             scores = self.prune_decoder(hidden_states, guidance_embeds)
-            kept, probs = select_tokens(scores, self.num_kept_tokens(prune_rates[stage - 1]), self.config.prune_temperature)
+            kept, probs = select_tokens(
+                scores, self.num_kept_tokens(prune_rates[stage - 1]), self.config.prune_temperature
+            )
             token_scores.append(scores)
             keep_indices.append(kept)
             keep_probs.append(probs)
@@ -289,8 +289,9 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         expected = (config.num_channels, config.image_size, config.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
-                f"pixel_values must have shape (batch_size, {', '.join(map(str, expected))}) as SAM's image processor "
-                f"prepares them (resized to longest side {config.image_size}, padded), got {tuple(pixel_values.shape)}."
+                f"pixel_values must have shape (batch_size, {', '.join(map(str, expected))}) as SAM's image "
+                f"processor prepares them (resized to longest side {config.image_size}, padded), got "
+                f"{tuple(pixel_values.shape)}."
             )
         if guidance_embeds is not None:
             expected_guidance = (pixel_values.shape[0], config.guidance_dim)
@@ -352,7 +353,7 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
             if all_hidden_states is not None:
                 all_hidden_states += (full.scatter(1, index, packed).view_as(hidden_states),)
         if gate is not None:
-            # Straight-through: `gate` is exactly 1 (so `packed` is unchanged) but carries the prune decoder's gradient.
+            # Straight-through: `gate` is exactly 1 (`packed` is unchanged) but carries the prune decoder's gradient.
             packed = packed * gate[..., None] + packed_in * (1 - gate[..., None])
         return full.scatter(1, index, packed).view_as(hidden_states), all_hidden_states
 
@@ -388,7 +389,9 @@ def _packed_window_attention(attn, qkv: torch.Tensor, kept: _KeptTokens, window:
     fill = attn.qkv.bias if attn.qkv.bias is not None else qkv.new_zeros(width3)
     windows = fill.to(qkv.dtype).expand(batch_size, num_windows * window**2, width3)
     windows = windows.scatter(1, kept.window_indices[..., None].expand(-1, -1, width3), qkv)
-    query, key, value = _split_heads(windows.view(batch_size * num_windows, window**2, width3), attn.num_attention_heads)
+    query, key, value = _split_heads(
+        windows.view(batch_size * num_windows, window**2, width3), attn.num_attention_heads
+    )
     bias = kept.window_key_bias
     if attn.use_rel_pos:
         # SAM's decomposed relative position within a window, built so that the (windows, heads, L, L) bias comes out
@@ -408,7 +411,7 @@ def _packed_global_attention(attn, qkv: torch.Tensor, kept: _KeptTokens, grid: i
     query, key, value = _split_heads(qkv, attn.num_attention_heads)
     bias = None
     if attn.use_rel_pos:
-        # Decomposed relative position at the original coordinates: bias[i, j] = q_i . R_h[h_i, h_j] + q_i . R_w[w_i, w_j]
+        # Decomposed relative position at original coordinates: bias[i, j] = q_i . R_h[h_i, h_j] + q_i . R_w[w_i, w_j]
         rel_h = attn.get_rel_pos(grid, grid, attn.rel_pos_h)[kept.rows]  # (B, K, grid, head_dim)
         rel_w = attn.get_rel_pos(grid, grid, attn.rel_pos_w)[kept.cols]
         table_h = torch.einsum("bnkc,bkgc->bnkg", query, rel_h.to(query.dtype))  # (B, heads, K, grid)
@@ -612,7 +615,9 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
     def seg_positions(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample index, position of the hidden state that feeds SAM) of every `[SEG]` in `input_ids`."""
         if self.config.seg_token_id is None:
-            raise ValueError("config.seg_token_id is not set: add [SEG] to the tokenizer and set it (see VLTPProcessor).")
+            raise ValueError(
+                "config.seg_token_id is not set: add [SEG] to the tokenizer and set it (see VLTPProcessor)."
+            )
         samples, positions = (input_ids == self.config.seg_token_id).nonzero(as_tuple=True)
         if self.config.seg_hidden_state == "before_seg":
             positions = positions - 1
@@ -737,7 +742,9 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
         dice = dice_loss(torch.sigmoid(logits) * valid, targets * valid)
         prune = None
         if vision.keep_probs:
-            prune = vltp_pruning_loss(vision.keep_probs, pruning_targets(targets, self.config.vision_config.patch_size))
+            prune = vltp_pruning_loss(
+                vision.keep_probs, pruning_targets(targets, self.config.vision_config.patch_size)
+            )
         return {"mask_bce_loss": bce, "mask_dice_loss": dice, "prune_loss": prune}
 
     @torch.no_grad()

@@ -65,7 +65,9 @@ def test_forward_shapes_and_loss_parts():
         + config.prune_loss_weight * output.prune_loss
     )
     assert torch.allclose(output.loss, expected)
-    assert all(part.item() > 0 for part in (output.lm_loss, output.mask_bce_loss, output.mask_dice_loss, output.prune_loss))
+    assert all(
+        part.item() > 0 for part in (output.lm_loss, output.mask_bce_loss, output.mask_dice_loss, output.prune_loss)
+    )
 
 
 def test_losses_fall_when_training_on_one_batch(trained):
@@ -212,7 +214,10 @@ def test_single_linear_projector_option(tmp_path):
     config.projector = "linear"
     model = VLTPForTaskSegmentation(config)
     names = [n for n, _ in model.named_parameters() if "multi_modal_projector" in n]
-    assert names == ["llava.model.multi_modal_projector.linear_1.weight", "llava.model.multi_modal_projector.linear_1.bias"]
+    assert names == [
+        "llava.model.multi_modal_projector.linear_1.weight",
+        "llava.model.multi_modal_projector.linear_1.bias",
+    ]
     batch = training_batch(processor)
     model(**batch).loss.backward()
     assert model.llava.model.multi_modal_projector.linear_1.weight.grad is not None

@@ -90,7 +90,9 @@ def reference_attention(attn, tokens: torch.Tensor, is_key: torch.Tensor) -> tor
     qkv = attn.qkv(tokens).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
     query, key, value = qkv[0], qkv[1], qkv[2]
     logits = (query * attn.scale) @ key.transpose(-2, -1)
-    rel = attn.get_decomposed_rel_pos(query.reshape(b * heads, h * w, -1), attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
+    rel = attn.get_decomposed_rel_pos(
+        query.reshape(b * heads, h * w, -1), attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w)
+    )
     logits = logits + rel.reshape(b, heads, h * w, h * w)
     logits = logits.masked_fill(~is_key[:, None, None, :], float("-inf"))
     probs = logits.softmax(-1).nan_to_num(0.0)  # rows of pruned queries with no key are discarded anyway
