@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from .configuration_vltp import VLTPVisionConfig
 from .flops import count_gmacs
-from .modeling_vltp import VLTPSamVisionModel
+from .modeling_vltp import MAX_SHARD_SIZE, VLTPSamVisionModel
 
 
 PAPER_URL = "https://arxiv.org/abs/2409.08464"
@@ -43,9 +43,6 @@ CITATION = """\
 }"""
 
 CARD_IMAGE_SIZE = 1024
-# transformers 5 writes up to 50GB per file by default, so a 7B VLTP model (31 GB in float32) would be a single file;
-# the Hub and most tools work best with files of a few GB, the size transformers 4 wrote.
-MAX_SHARD_SIZE = "5GB"
 
 
 class HubError(RuntimeError):

@@ -153,6 +153,11 @@ class _KeptTokens:
     window_key_bias: torch.Tensor | None = None  # (B * windows, 1, 1, window**2): 0 for keys, very negative if pruned
 
 
+# Checkpoint files of at most this size: a 7B VLTP model (31 GB in float32) becomes 7 shards. transformers 5 defaults
+# to 50GB, which would write it as a single file.
+MAX_SHARD_SIZE = "5GB"
+
+
 class VLTPPreTrainedModel(PreTrainedModel):
     config: VLTPVisionConfig
     config_class = VLTPVisionConfig
@@ -162,6 +167,10 @@ class VLTPPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SamVisionLayer", "VLTPPruneDecoder"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory, *args, max_shard_size: int | str = MAX_SHARD_SIZE, **kwargs):
+        """`PreTrainedModel.save_pretrained` (safetensors), sharded at `MAX_SHARD_SIZE` unless told otherwise."""
+        return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
@@ -866,6 +875,7 @@ def _image_task_pairs(images, tasks) -> list[tuple[int, str]]:
 
 
 __all__ = [
+    "MAX_SHARD_SIZE",
     "VLTPForTaskSegmentation",
     "VLTPLinearProjector",
     "VLTPSegmentationResult",

@@ -559,9 +559,11 @@ def test_the_7b_preset_is_written_in_several_shards():
     assert 7.6e9 < num_parameters < 7.8e9  # LLaVA-1.5-7B (7.06B) + SAM ViT-H with the prune decoder
     split = split_torch_state_dict_into_shards(state_dict, max_shard_size=MAX_SHARD_SIZE)
     assert split.is_sharded and len(split.filename_to_tensors) == 7  # 30.9 GB in float32, at most 5 GB per file
-    # transformers 5's own default (50GB) would write one 31 GB file: conversions and pushes pass MAX_SHARD_SIZE.
+    # transformers 5's own default (50GB) would write one 31 GB file; VLTP models default to MAX_SHARD_SIZE.
     default = inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
     assert not split_torch_state_dict_into_shards(state_dict, max_shard_size=default).is_sharded
+    ours = inspect.signature(VLTPForTaskSegmentation.save_pretrained).parameters["max_shard_size"].default
+    assert ours == MAX_SHARD_SIZE
 
 
 # -- LoRA adapters through peft -------------------------------------------------------------------------------------
