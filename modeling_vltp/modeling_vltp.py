@@ -555,7 +555,86 @@ class VLTPSegmentationResult:
     message: str | None = None
 
 
-class VLTPForTaskSegmentation(VLTPPreTrainedModel):
+class _VLTPSamSide:
+    """SAM's side of the system, shared by [`VLTPForTaskSegmentation`] and [`VLTPSamSegmenter`]: the pruned ViT
+    (`vision_model`), and in `SamModel`'s layout `shared_image_embedding`, `prompt_encoder` and `mask_decoder`; mask
+    decoding from `[SEG]` embeddings, and the losses L_X and L_P."""
+
+    _tied_weights_keys = {
+        "prompt_encoder.shared_embedding.positional_embedding": "shared_image_embedding.positional_embedding"
+    }
+
+    def _build_sam_side(self, config: VLTPConfig):
+        self.vision_model = VLTPSamVisionModel(config.vision_config)
+        self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
+        self.prompt_encoder = SamPromptEncoder(config)
+        config.mask_decoder_config._attn_implementation = "eager"
+        self.mask_decoder = SamMaskDecoder(config.mask_decoder_config)
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        # SAM's two copies of the positional encoding are one parameter whatever `tie_word_embeddings` says (which
+        # is about LLaVA's word embeddings, and which peft's `merge_and_unload` resets).
+        if all_submodels:
+            return super().get_expanded_tied_weights_keys(all_submodels=True)
+        return dict(self._tied_weights_keys)
+
+    def image_positional_embeddings(self, batch_size: int) -> torch.Tensor:
+        """SAM's dense positional encoding of the image-embedding grid, (B, d, grid, grid)."""
+        size = self.config.prompt_encoder_config.image_embedding_size
+        weight = self.shared_image_embedding.positional_embedding
+        centers = (torch.arange(size, device=weight.device, dtype=weight.dtype) + 0.5) / size
+        y, x = torch.meshgrid(centers, centers, indexing="ij")
+        encoding = self.shared_image_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
+        return encoding[None].expand(batch_size, -1, -1, -1)
+
+    def decode_masks(
+        self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None
+    ) -> tuple[torch.Tensor, torch.Tensor, VLTPVisionOutput]:
+        """One mask per guidance: the pruned ViT guided by `seg_embeds` (S, d), then SAM's mask decoder prompted by
+        them. Returns low-resolution mask logits (S, h, w), predicted IoUs (S,) and the vision output."""
+        vision = self.vision_model(sam_pixel_values, guidance_embeds=seg_embeds, prune_rates=prune_rates)
+        image_embeddings = vision.last_hidden_state
+        num_masks = image_embeddings.shape[0]
+        _, dense_embeddings = self.prompt_encoder(None, None, None, None)
+        masks, iou_scores = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=self.image_positional_embeddings(num_masks).to(image_embeddings.dtype),
+            sparse_prompt_embeddings=seg_embeds[:, None, None, :].to(image_embeddings.dtype),
+            dense_prompt_embeddings=dense_embeddings.to(image_embeddings.dtype).expand(num_masks, -1, -1, -1),
+            multimask_output=False,
+        )
+        return masks[:, 0, 0], iou_scores[:, 0, 0], vision
+
+    def _mask_losses(self, pred_masks, vision, targets, reshaped_input_sizes, samples) -> dict:
+        """L_X (LISA's mask BCE and Dice over each image's unpadded region) and L_P (Eq. 12), per `[SEG]`."""
+        size = targets.shape[-1]
+        logits = F.interpolate(pred_masks[:, None].float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
+        targets = targets.float()
+        valid = torch.ones_like(targets)
+        if reshaped_input_sizes is not None:
+            heights, widths = reshaped_input_sizes[samples].to(targets.device).unbind(-1)
+            coords = torch.arange(size, device=targets.device)
+            valid = (coords[None, :, None] < heights[:, None, None]) & (coords[None, None, :] < widths[:, None, None])
+            valid = valid.float()
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        bce = ((bce * valid).flatten(1).sum(-1) / valid.flatten(1).sum(-1).clamp(min=1)).mean()
+        dice = dice_loss(torch.sigmoid(logits) * valid, targets * valid)
+        prune = None
+        if vision.keep_probs:
+            prune = vltp_pruning_loss(
+                vision.keep_probs, pruning_targets(targets, self.config.vision_config.patch_size)
+            )
+        return {"mask_bce_loss": bce, "mask_dice_loss": dice, "prune_loss": prune}
+
+    def _weighted_loss(self, losses: dict) -> torch.Tensor | None:
+        """The config's weighted sum of the loss parts that were computed."""
+        weighted = [
+            getattr(self.config, f"{name}_weight") * value for name, value in losses.items() if value is not None
+        ]
+        return sum(weighted) if weighted else None
+
+
+class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
     """VLTP's task-oriented segmentation system (paper Sec. 3, Fig. 2): LLaVA reads the image and the task and answers
     with `[SEG]`; the projected hidden state of that answer (`text_hidden_fcs`, as in LISA) guides the token pruning
     inside SAM's ViT ([`VLTPSamVisionModel`]) and is the sparse prompt of SAM's mask decoder.
@@ -570,9 +649,6 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _no_split_modules = ["SamVisionLayer", "VLTPPruneDecoder", "LlamaDecoderLayer", "CLIPEncoderLayer"]
-    _tied_weights_keys = {
-        "prompt_encoder.shared_embedding.positional_embedding": "shared_image_embedding.positional_embedding"
-    }
 
     def __init__(self, config: VLTPConfig):
         super().__init__(config)
@@ -583,19 +659,8 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, config.vision_config.guidance_dim)
         )
-        self.vision_model = VLTPSamVisionModel(config.vision_config)
-        self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
-        self.prompt_encoder = SamPromptEncoder(config)
-        config.mask_decoder_config._attn_implementation = "eager"
-        self.mask_decoder = SamMaskDecoder(config.mask_decoder_config)
+        self._build_sam_side(config)
         self.post_init()
-
-    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
-        # SAM's two copies of the positional encoding are one parameter whatever `tie_word_embeddings` says (which
-        # is about LLaVA's word embeddings, and which peft's `merge_and_unload` resets).
-        if all_submodels:
-            return super().get_expanded_tied_weights_keys(all_submodels=True)
-        return dict(self._tied_weights_keys)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.llava.get_input_embeddings()
@@ -611,15 +676,6 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
         embeddings = self.llava.resize_token_embeddings(new_num_tokens, **kwargs)
         self.config.llava_config = self.llava.config
         return embeddings
-
-    def image_positional_embeddings(self, batch_size: int) -> torch.Tensor:
-        """SAM's dense positional encoding of the image-embedding grid, (B, d, grid, grid)."""
-        size = self.config.prompt_encoder_config.image_embedding_size
-        weight = self.shared_image_embedding.positional_embedding
-        centers = (torch.arange(size, device=weight.device, dtype=weight.dtype) + 0.5) / size
-        y, x = torch.meshgrid(centers, centers, indexing="ij")
-        encoding = self.shared_image_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
-        return encoding[None].expand(batch_size, -1, -1, -1)
 
     def seg_positions(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample index, position of the hidden state that feeds SAM) of every `[SEG]` in `input_ids`."""
@@ -646,24 +702,6 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
         samples, positions = self.seg_positions(input_ids)
         seg_embeds = self.text_hidden_fcs(llm.hidden_states[self.config.seg_hidden_layer][samples, positions])
         return llm, seg_embeds, samples
-
-    def decode_masks(
-        self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None
-    ) -> tuple[torch.Tensor, torch.Tensor, VLTPVisionOutput]:
-        """One mask per guidance: the pruned ViT guided by `seg_embeds` (S, d), then SAM's mask decoder prompted by
-        them. Returns low-resolution mask logits (S, h, w), predicted IoUs (S,) and the vision output."""
-        vision = self.vision_model(sam_pixel_values, guidance_embeds=seg_embeds, prune_rates=prune_rates)
-        image_embeddings = vision.last_hidden_state
-        num_masks = image_embeddings.shape[0]
-        _, dense_embeddings = self.prompt_encoder(None, None, None, None)
-        masks, iou_scores = self.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_positional_embeddings=self.image_positional_embeddings(num_masks).to(image_embeddings.dtype),
-            sparse_prompt_embeddings=seg_embeds[:, None, None, :].to(image_embeddings.dtype),
-            dense_prompt_embeddings=dense_embeddings.to(image_embeddings.dtype).expand(num_masks, -1, -1, -1),
-            multimask_output=False,
-        )
-        return masks[:, 0, 0], iou_scores[:, 0, 0], vision
 
     def forward(
         self,
@@ -719,11 +757,8 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
             vision = VLTPVisionOutput()
             if masks is not None:
                 losses.update(mask_bce_loss=seg_embeds.new_zeros(()), mask_dice_loss=seg_embeds.new_zeros(()))
-        weighted = [
-            getattr(self.config, f"{name}_weight") * value for name, value in losses.items() if value is not None
-        ]
         output = VLTPTaskSegmentationOutput(
-            loss=sum(weighted) if weighted else None,
+            loss=self._weighted_loss(losses),
             **losses,
             logits=llm.logits,
             pred_masks=pred_masks,
@@ -734,27 +769,6 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
             keep_indices=vision.keep_indices,
         )
         return output if return_dict else output.to_tuple()
-
-    def _mask_losses(self, pred_masks, vision, targets, reshaped_input_sizes, samples) -> dict:
-        """L_X (LISA's mask BCE and Dice over each image's unpadded region) and L_P (Eq. 12), per `[SEG]`."""
-        size = targets.shape[-1]
-        logits = F.interpolate(pred_masks[:, None].float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
-        targets = targets.float()
-        valid = torch.ones_like(targets)
-        if reshaped_input_sizes is not None:
-            heights, widths = reshaped_input_sizes[samples].to(targets.device).unbind(-1)
-            coords = torch.arange(size, device=targets.device)
-            valid = (coords[None, :, None] < heights[:, None, None]) & (coords[None, None, :] < widths[:, None, None])
-            valid = valid.float()
-        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        bce = ((bce * valid).flatten(1).sum(-1) / valid.flatten(1).sum(-1).clamp(min=1)).mean()
-        dice = dice_loss(torch.sigmoid(logits) * valid, targets * valid)
-        prune = None
-        if vision.keep_probs:
-            prune = vltp_pruning_loss(
-                vision.keep_probs, pruning_targets(targets, self.config.vision_config.patch_size)
-            )
-        return {"mask_bce_loss": bce, "mask_dice_loss": dice, "prune_loss": prune}
 
     @torch.no_grad()
     def segment(
@@ -851,6 +865,58 @@ class VLTPForTaskSegmentation(VLTPPreTrainedModel):
         ]
 
 
+class VLTPSamSegmenter(_VLTPSamSide, VLTPPreTrainedModel):
+    """The SAM side of [`VLTPForTaskSegmentation`] (pruned ViT, prompt encoder, mask decoder) on its own: what stage 2
+    (VLTP@Finetune) trains from cached `[SEG]` embeddings, without loading LLaVA.
+
+    Its parameters carry `VLTPForTaskSegmentation`'s names, so `from_pretrained(<VLTP checkpoint>)` loads them and
+    skips LLaVA's weights.
+    """
+
+    config: VLTPConfig
+    config_class = VLTPConfig
+    main_input_name = "sam_pixel_values"
+    _keys_to_ignore_on_load_unexpected = [r"^llava\.", r"^text_hidden_fcs\."]
+
+    def __init__(self, config: VLTPConfig):
+        super().__init__(config)
+        self._build_sam_side(config)
+        self.post_init()
+
+    def forward(
+        self,
+        sam_pixel_values: torch.Tensor,
+        seg_embeds: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        reshaped_input_sizes: torch.Tensor | None = None,
+        prune_rates: list[float] | None = None,
+    ) -> VLTPTaskSegmentationOutput:
+        r"""
+        sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+            The images as SAM's image processor prepares them.
+        seg_embeds (`torch.FloatTensor` of shape `(batch_size, guidance_dim)`):
+            One projected `[SEG]` embedding per image (e.g. from a cache of `VLTPForTaskSegmentation.seg_embeddings`).
+        masks, reshaped_input_sizes, prune_rates:
+            As in [`VLTPForTaskSegmentation.forward`]; with `masks`, `loss` is L_X + L_P (Eq. 12) weighted by the
+            config's mask and pruning loss weights.
+        """
+        pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values, seg_embeds.to(self.dtype), prune_rates)
+        samples = torch.arange(len(seg_embeds), device=seg_embeds.device)
+        losses = {}
+        if masks is not None:
+            losses = self._mask_losses(pred_masks, vision, masks, reshaped_input_sizes, samples)
+        return VLTPTaskSegmentationOutput(
+            loss=self._weighted_loss(losses),
+            **losses,
+            pred_masks=pred_masks,
+            iou_scores=iou_scores,
+            seg_embeds=seg_embeds,
+            seg_sample_indices=samples,
+            token_scores=vision.token_scores,
+            keep_indices=vision.keep_indices,
+        )
+
+
 def _as_image_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
@@ -877,6 +943,7 @@ def _image_task_pairs(images, tasks) -> list[tuple[int, str]]:
 __all__ = [
     "MAX_SHARD_SIZE",
     "VLTPForTaskSegmentation",
+    "VLTPSamSegmenter",
     "VLTPLinearProjector",
     "VLTPSegmentationResult",
     "VLTPTaskSegmentationOutput",

@@ -37,7 +37,6 @@ import yaml
 from datasets import Dataset, DatasetDict, load_from_disk
 from safetensors.torch import load_file, save_file
 from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
-from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEmbedding, SamPromptEncoder
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
 from .data import load_coco_tasks, load_rio
@@ -45,12 +44,7 @@ from .data.masks import decode_mask_batch
 from .data.synthetic import TASK_NAMES as SYNTHETIC_TASK_NAMES
 from .flops import count_gmacs
 from .metrics import tos_metrics_from_counts
-from .modeling_vltp import (
-    VLTPForTaskSegmentation,
-    VLTPPreTrainedModel,
-    VLTPSamVisionModel,
-    VLTPTaskSegmentationOutput,
-)
+from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamSegmenter, VLTPSamVisionModel
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
 
 
@@ -537,69 +531,6 @@ def train_stage1(config: TrainConfig, callbacks=None) -> TrainSummary:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class VLTPSamSegmenter(VLTPPreTrainedModel):
-    """The SAM side of [`VLTPForTaskSegmentation`] (pruned ViT, prompt encoder, mask decoder), what stage 2 trains
-    from cached `[SEG]` embeddings without LLaVA.
-
-    Its parameters carry `VLTPForTaskSegmentation`'s names, so `from_pretrained(<VLTP checkpoint>)` loads them and
-    skips LLaVA's weights, and [`write_back_segmenter`] puts them back into a full checkpoint. Masks and losses are
-    computed by `VLTPForTaskSegmentation`'s own methods.
-    """
-
-    config: VLTPConfig
-    config_class = VLTPConfig
-    main_input_name = "sam_pixel_values"
-    _tied_weights_keys = VLTPForTaskSegmentation._tied_weights_keys
-    _keys_to_ignore_on_load_unexpected = [r"^llava\.", r"^text_hidden_fcs\."]
-
-    def __init__(self, config: VLTPConfig):
-        super().__init__(config)
-        self.vision_model = VLTPSamVisionModel(config.vision_config)
-        self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
-        self.prompt_encoder = SamPromptEncoder(config)
-        config.mask_decoder_config._attn_implementation = "eager"
-        self.mask_decoder = SamMaskDecoder(config.mask_decoder_config)
-        self.post_init()
-
-    image_positional_embeddings = VLTPForTaskSegmentation.image_positional_embeddings
-    decode_masks = VLTPForTaskSegmentation.decode_masks
-    _mask_losses = VLTPForTaskSegmentation._mask_losses
-
-    def forward(
-        self,
-        sam_pixel_values: torch.Tensor,
-        seg_embeds: torch.Tensor,
-        masks: torch.Tensor | None = None,
-        reshaped_input_sizes: torch.Tensor | None = None,
-        prune_rates: list[float] | None = None,
-    ) -> VLTPTaskSegmentationOutput:
-        r"""
-        sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
-            The images as SAM's image processor prepares them.
-        seg_embeds (`torch.FloatTensor` of shape `(batch_size, guidance_dim)`):
-            One projected `[SEG]` embedding per image (from [`build_seg_cache`]).
-        masks, reshaped_input_sizes, prune_rates:
-            As in [`VLTPForTaskSegmentation.forward`]; with `masks`, `loss` is L_X + L_P (Eq. 12) weighted by the
-            config's mask and pruning loss weights.
-        """
-        pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values, seg_embeds.to(self.dtype), prune_rates)
-        samples = torch.arange(len(seg_embeds), device=seg_embeds.device)
-        losses = {}
-        if masks is not None:
-            losses = self._mask_losses(pred_masks, vision, masks, reshaped_input_sizes, samples)
-        weighted = [getattr(self.config, f"{name}_weight") * value for name, value in losses.items() if value is not None]
-        return VLTPTaskSegmentationOutput(
-            loss=sum(weighted) if weighted else None,
-            **losses,
-            pred_masks=pred_masks,
-            iou_scores=iou_scores,
-            seg_embeds=seg_embeds,
-            seg_sample_indices=samples,
-            token_scores=vision.token_scores,
-            keep_indices=vision.keep_indices,
-        )
-
-
 @torch.no_grad()
 def seg_embeddings(model: VLTPForTaskSegmentation, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The projected `[SEG]` states of a teacher-forced batch, (S, guidance_dim), and the sample of each."""
@@ -889,7 +820,6 @@ __all__ = [
     "TrainSummary",
     "TrainingInputError",
     "VLTPDataCollator",
-    "VLTPSamSegmenter",
     "VLTPTrainer",
     "build_seg_cache",
     "check_config",
