@@ -4,6 +4,7 @@ Everything here is deterministic: the same call returns the same vocabulary and 
 """
 
 import torch
+from torch import nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessorPil, LlavaConfig, PreTrainedTokenizerFast, SamImageProcessorPil
 
@@ -180,4 +181,71 @@ def tiny_model_and_processor(seed: int = 0) -> tuple[VLTPForTaskSegmentation, VL
         for parameter in model.vision_model.vision_encoder.parameters():
             if parameter.dim() > 1:
                 parameter.normal_(0.0, 0.02)
+    return model.eval(), processor
+
+
+def small_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
+    """A [`VLTPConfig`] for learning experiments on the CPU (`benchmarks/learn_synthetic.py`), where pruning matters.
+
+    [`tiny_config`]'s LLaVA, with a SAM side that can learn the synthetic world: 8-pixel patches at 128 px (16x16
+    tokens in 4x4 windows, global attention in layers 2 and 4), pruned after layer 1 at rate 0.5, so that three of the
+    four layers run on the kept tokens only, and a 64-wide neck, prompt encoder and mask decoder. (With a 32-wide mask
+    decoder, SAM's upscaling leaves 32 / 8 = 4 channels per mask pixel, too few to tell the world's traits apart.)
+    """
+    tiny = tiny_config(processor)
+    width = tiny.vision_config.hidden_size
+    mask_width = 2 * width
+    vision_config = VLTPVisionConfig(
+        **{
+            **tiny.vision_config.to_dict(),
+            "patch_size": 8,
+            "window_size": 4,
+            "global_attn_indexes": [1, 3],
+            "prune_layers": [1],
+            "prune_rates": [0.5],
+            "output_channels": mask_width,
+            "num_pos_feats": mask_width // 2,
+            "guidance_dim": mask_width,
+        }
+    )
+    return VLTPConfig(
+        llava_config=tiny.llava_config,
+        vision_config=vision_config,
+        prompt_encoder_config={
+            "hidden_size": mask_width,
+            "image_size": vision_config.image_size,
+            "patch_size": vision_config.patch_size,
+            "mask_input_channels": 8,
+        },
+        mask_decoder_config={
+            "hidden_size": mask_width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "mlp_dim": 2 * mask_width,
+            "iou_head_hidden_dim": mask_width,
+        },
+        seg_token_id=tiny.seg_token_id,
+    )
+
+
+def small_model_and_processor(seed: int = 0) -> tuple[VLTPForTaskSegmentation, VLTPProcessor]:
+    """A random [`VLTPForTaskSegmentation`] of [`small_config`] (in eval mode) and its [`VLTPProcessor`], built offline.
+
+    Every Linear and convolution of the SAM side (ViT, neck, mask decoder) gets PyTorch's default initialisation,
+    scaled to its fan-in: the std of 0.02 that large models use shrinks each layer's output of these 32- and 64-wide
+    layers about tenfold, and the mask decoder's chain of such layers then learns very slowly.
+    """
+    processor = tiny_processor()
+    torch.manual_seed(seed)
+    model = VLTPForTaskSegmentation(small_config(processor))
+    for part in (model.vision_model.vision_encoder, model.mask_decoder):
+        for module in part.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                module.reset_parameters()
+    with torch.no_grad():
+        encoder = model.vision_model.vision_encoder
+        encoder.pos_embed.normal_(0.0, 0.02)
+        for layer in encoder.layers:
+            layer.attn.rel_pos_h.normal_(0.0, 0.02)
+            layer.attn.rel_pos_w.normal_(0.0, 0.02)
     return model.eval(), processor
