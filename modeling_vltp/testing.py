@@ -231,14 +231,15 @@ def small_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
 def small_model_and_processor(seed: int = 0) -> tuple[VLTPForTaskSegmentation, VLTPProcessor]:
     """A random [`VLTPForTaskSegmentation`] of [`small_config`] (in eval mode) and its [`VLTPProcessor`], built offline.
 
-    Every Linear and convolution of the SAM side (ViT, neck, mask decoder) gets PyTorch's default initialisation,
-    scaled to its fan-in: the std of 0.02 that large models use shrinks each layer's output of these 32- and 64-wide
-    layers about tenfold, and the mask decoder's chain of such layers then learns very slowly.
+    Every Linear and convolution of the SAM side (ViT, neck, mask decoder) and of the `[SEG]` projection
+    `text_hidden_fcs` gets PyTorch's default initialisation, scaled to its fan-in: the std of 0.02 that large models
+    use shrinks the output of each of these 32- and 64-wide layers about tenfold, so the mask decoder's chains of such
+    layers learn very slowly and almost no gradient of the mask losses reaches the language model.
     """
     processor = tiny_processor()
     torch.manual_seed(seed)
     model = VLTPForTaskSegmentation(small_config(processor))
-    for part in (model.vision_model.vision_encoder, model.mask_decoder):
+    for part in (model.vision_model.vision_encoder, model.mask_decoder, model.text_hidden_fcs):
         for module in part.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
                 module.reset_parameters()
