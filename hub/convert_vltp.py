@@ -17,7 +17,6 @@ from convert_sam import comma_separated
 from modeling_vltp.conversion import convert_vltp
 from modeling_vltp.hub import HubError
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -53,12 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", required=True, help="RIO: train, common, uncommon; COCO-Tasks: train, test")
     evaluate.add_argument("--model", required=True, help="a local VLTP checkpoint directory or a Hub id")
     evaluate.add_argument(
-        "--prune-rates", type=_parse_rates, help="rates to evaluate, each for every pruning stage (0: dense); "
-        "default: 0 and the model's own rates"
+        "--prune-rates",
+        type=_parse_rates,
+        help="rates to evaluate, each for every pruning stage (0: dense); default: 0 and the model's own rates",
     )
     evaluate.add_argument("--tasks", type=_parse_ints, help="COCO-Tasks task numbers, e.g. 1,2,3 (default: all)")
-    evaluate.add_argument("--task-names", choices=("coco_tasks", "synthetic"), default="coco_tasks",
-                          help="COCO-Tasks names: the official ones or the synthetic world's")
+    evaluate.add_argument(
+        "--task-names",
+        choices=("coco_tasks", "synthetic"),
+        default="coco_tasks",
+        help="COCO-Tasks names: the official ones or the synthetic world's",
+    )
     evaluate.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     evaluate.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
     evaluate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -158,8 +163,8 @@ def train_command(args) -> None:
 
 
 def eval_command(args) -> None:
-    from .data.synthetic import TASK_NAMES as SYNTHETIC_TASK_NAMES
     from .configuration_vltp import check_prune_rates
+    from .data.synthetic import TASK_NAMES as SYNTHETIC_TASK_NAMES
     from .training import DataSettings, TrainingInputError, evaluate_rates, load_split
 
     data = DataSettings(
@@ -197,7 +202,8 @@ def eval_command(args) -> None:
         stage_rates = result["prune_rates"]
         shown = "-" if not any(stage_rates) else "/".join(dict.fromkeys(f"{rate:g}" for rate in stage_rates))
         print(
-            f"{name:<24} {shown:>12} {100 * result['gIoU']:>9.1f} {100 * result['cIoU']:>9.1f} {result['gmacs']:>10.4g}"
+            f"{name:<24} {shown:>12} {100 * result['gIoU']:>9.1f} {100 * result['cIoU']:>9.1f} "
+            f"{result['gmacs']:>10.4g}"
         )
 
 

@@ -55,7 +55,6 @@ from .hub import MAX_SHARD_SIZE, HubError, hub_errors, register_auto_classes
 from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel
 from .processing_vltp import IMAGE_TOKEN, SEG_TOKEN, VLTPProcessor, add_vltp_special_tokens
 
-
 logger = logging.get_logger(__name__)
 
 PROMPT_MASK_DECODER_FOLDER = "sam_prompt_mask_decoder"

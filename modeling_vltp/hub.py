@@ -31,7 +31,6 @@ from .configuration_vltp import VLTPVisionConfig
 from .flops import count_gmacs
 from .modeling_vltp import MAX_SHARD_SIZE, VLTPSamVisionModel
 
-
 PAPER_URL = "https://arxiv.org/abs/2409.08464"
 CITATION = """\
 @article{chen2024vltp,

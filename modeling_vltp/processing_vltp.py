@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 from transformers import AddedToken, BatchFeature, ProcessorMixin
 
-
 SEG_TOKEN = "[SEG]"
 IMAGE_TOKEN = "<image>"
 
@@ -187,9 +186,7 @@ class VLTPProcessor(ProcessorMixin):
             _check_batch_size("answers", answers, batch_size)
         image_sizes = [_check_rgb_image(image, index) for index, image in enumerate(images)]
 
-        prompts = [
-            self.build_prompt(task).replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for task in tasks
-        ]
+        prompts = [self.build_prompt(task).replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for task in tasks]
         texts = prompts
         if answers is not None:
             texts = [f"{prompt} {answer}{self.tokenizer.eos_token}" for prompt, answer in zip(prompts, answers)]

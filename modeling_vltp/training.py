@@ -47,9 +47,14 @@ from .metrics import tos_metrics_from_counts
 from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamSegmenter, VLTPSamVisionModel
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
 
-
 # LISA's answers (`ANSWER_LIST` of LISA's utils); training draws one per sample.
-LISA_ANSWERS = ("It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG].")
+LISA_ANSWERS = (
+    "It is [SEG].",
+    "Sure, [SEG].",
+    "Sure, it is [SEG].",
+    "Sure, the segmentation result is [SEG].",
+    "[SEG].",
+)
 
 # LISA's optimisation settings (train_ds.py): AdamW with betas (0.9, 0.95), no weight decay, lr 3e-4 with 100 warmup
 # steps then linear decay, gradient clipping at 1, batch 2 per device with 10 accumulation steps. A config's
@@ -71,7 +76,13 @@ _SEG_CACHE_INFO = "vltp_seg_cache.json"
 STAGE1_LOSSES = ("lm_loss", "mask_bce_loss", "mask_dice_loss")
 STAGE2_LOSSES = ("mask_bce_loss", "mask_dice_loss", "prune_loss")
 STAGE1_INPUTS = (
-    "input_ids", "attention_mask", "pixel_values", "sam_pixel_values", "labels", "masks", "reshaped_input_sizes"
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "sam_pixel_values",
+    "labels",
+    "masks",
+    "reshaped_input_sizes",
 )
 STAGE2_INPUTS = ("sam_pixel_values", "seg_embeds", "masks", "reshaped_input_sizes")
 
@@ -215,7 +226,11 @@ def _check_type(value, annotation, where: str):
         if getattr(option, "__origin__", None) is list and isinstance(value, list):
             (item_type,) = option.__args__
             return [_check_type(item, item_type, where) for item in value]
-        if option in (int, str, bool, dict) and isinstance(value, option) and not (option is int and isinstance(value, bool)):
+        if (
+            option in (int, str, bool, dict)
+            and isinstance(value, option)
+            and not (option is int and isinstance(value, bool))
+        ):
             return value
     raise TrainingInputError(f"{where}: expected {annotation}, got {value!r:.60}")
 
@@ -522,8 +537,14 @@ def train_stage1(config: TrainConfig, callbacks=None) -> TrainSummary:
         input_names=STAGE1_INPUTS,
         prune_rates=dense,
     )
-    return _run(trainer, config, dense, start, "adapter", lambda adapter: merge_stage1(config.model, adapter, config.output_dir))
-
+    return _run(
+        trainer,
+        config,
+        dense,
+        start,
+        "adapter",
+        lambda adapter: merge_stage1(config.model, adapter, config.output_dir),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -566,7 +587,9 @@ def build_seg_cache(
     cache = {}
     for name, dataset in splits.items():
         embeds = []
-        for batch in tqdm(DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc=f"[SEG] cache, {name}"):
+        for batch in tqdm(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc=f"[SEG] cache, {name}"
+        ):
             seg, samples = seg_embeddings(model, batch)
             if samples.tolist() != list(range(len(batch["input_ids"]))):
                 raise RuntimeError("expected exactly one [SEG] per teacher-forced sample")
@@ -576,7 +599,9 @@ def build_seg_cache(
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     cache.save_to_disk(partial)
-    (partial / _SEG_CACHE_INFO).write_text(json.dumps({"guidance_dim": model.config.vision_config.guidance_dim, **(info or {})}, indent=2))
+    (partial / _SEG_CACHE_INFO).write_text(
+        json.dumps({"guidance_dim": model.config.vision_config.guidance_dim, **(info or {})}, indent=2)
+    )
     partial.rename(path)
     return load_seg_cache(path)
 
@@ -593,7 +618,10 @@ def _check_seg_cache(config: TrainConfig, vltp_config: VLTPConfig):
     path = Path(config.seg_cache)
     info_file = path / _SEG_CACHE_INFO
     if not info_file.is_file():
-        raise config.error("seg_cache", f"{path} exists but is not a [SEG] cache (no {_SEG_CACHE_INFO}); delete it or name another folder")
+        raise config.error(
+            "seg_cache",
+            f"{path} exists but is not a [SEG] cache (no {_SEG_CACHE_INFO}); delete it or name another folder",
+        )
     info = json.loads(info_file.read_text())
     if info.get("guidance_dim") != vltp_config.vision_config.guidance_dim:
         raise config.error(
@@ -723,7 +751,9 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None]:
         except ValueError as error:
             raise config.error("prune_rates", str(error)) from None
         if config.seg_cache is None:
-            raise config.error("seg_cache", "missing: stage 2 needs the folder of the [SEG] cache (built there when absent)")
+            raise config.error(
+                "seg_cache", "missing: stage 2 needs the folder of the [SEG] cache (built there when absent)"
+            )
     _check_resume(config)
     training_arguments(config)
 
@@ -807,7 +837,9 @@ def evaluate_rates(
     for index, rates in enumerate(rates_list):
         counts = torch.cat(overlaps[index]).numpy()
         scores = tos_metrics_from_counts(counts[:, 0], counts[:, 1], task_ids)
-        results.append({"prune_rates": list(rates), **scores, "gmacs": vision_gmacs(model.config.vision_config, rates)})
+        results.append(
+            {"prune_rates": list(rates), **scores, "gmacs": vision_gmacs(model.config.vision_config, rates)}
+        )
     return results
 
 

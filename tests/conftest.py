@@ -14,10 +14,8 @@ import huggingface_hub
 import huggingface_hub.hf_api
 import pytest
 import transformers.utils.hub
-from huggingface_hub import constants
-
 from hub_server import HubServer, User
-
+from huggingface_hub import constants
 
 ALICE_TOKEN = "hf_alice_write_token"  # user "alice", member of the organisation "testorg"
 BOB_TOKEN = "hf_bob_write_token"  # user "bob", no organisation

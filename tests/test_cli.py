@@ -13,7 +13,7 @@ from PIL import Image
 
 from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
 from modeling_vltp.cli import main
-from modeling_vltp.data import synthetic, load_rio
+from modeling_vltp.data import load_rio, synthetic
 from modeling_vltp.testing import tiny_model_and_processor
 from modeling_vltp.visualization import overlay_mask, pruning_map
 
@@ -58,8 +58,19 @@ def test_segment_writes_the_mask_overlay_and_pruning_map(tmp_path, world, model_
     out, overlay, pruning = tmp_path / "mask.png", tmp_path / "overlay.png", tmp_path / "pruning.png"
     status = main(
         [
-            "segment", str(image_path), task, "--model", str(model_dir), "--prune-rates", "0.75",
-            "--out", str(out), "--overlay", str(overlay), "--show-pruning", str(pruning),
+            "segment",
+            str(image_path),
+            task,
+            "--model",
+            str(model_dir),
+            "--prune-rates",
+            "0.75",
+            "--out",
+            str(out),
+            "--overlay",
+            str(overlay),
+            "--show-pruning",
+            str(pruning),
         ]
     )
     printed = capsys.readouterr().out
@@ -100,9 +111,21 @@ def test_pruning_map_draws_one_panel_per_stage_on_the_image_pixels():
 
 def test_segment_runs_as_a_command(tmp_path, world, model_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_vltp.cli", "segment", str(first_image(world)), "dig a hole",
-         "--model", str(model_dir), "--out", str(tmp_path / "m.png")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "modeling_vltp.cli",
+            "segment",
+            str(first_image(world)),
+            "dig a hole",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "m.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m.png").exists() and "answer:" in result.stdout
@@ -123,8 +146,12 @@ def test_bad_input_gives_one_line_and_a_non_zero_status(tmp_path, world, model_d
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
     values = dict(
-        missing_image=tmp_path / "nope.jpg", not_an_image=not_an_image, model=model_dir,
-        missing_model=tmp_path / "no-model", image=first_image(world), bad_dir=tmp_path / "no" / "dir",
+        missing_image=tmp_path / "nope.jpg",
+        not_an_image=not_an_image,
+        model=model_dir,
+        missing_model=tmp_path / "no-model",
+        image=first_image(world),
+        bad_dir=tmp_path / "no" / "dir",
     )
     status = main([a.format(**values) for a in arguments])
     error = capsys.readouterr().err
@@ -136,9 +163,20 @@ def test_bad_input_gives_one_line_and_a_non_zero_status(tmp_path, world, model_d
 def test_offline_hub_is_one_line(world):
     """With the Hub unreachable (offline mode), a Hub id that is not cached gives a one-line error."""
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_vltp.cli", "segment", str(first_image(world)), "task",
-         "--model", "someone/vltp-tiny-missing"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "modeling_vltp.cli",
+            "segment",
+            str(first_image(world)),
+            "task",
+            "--model",
+            "someone/vltp-tiny-missing",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]

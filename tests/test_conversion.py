@@ -1,4 +1,5 @@
-"""convert_sam: transformers' and Meta's SAM checkpoints to VLTP's starting point, checked against transformers' SAM and
+"""convert_sam: transformers' and Meta's SAM checkpoints to VLTP's starting point, checked against transformers' SAM
+and
 Meta's segment_anything, and the inputs it must refuse without leaving output behind."""
 
 import json
@@ -25,7 +26,6 @@ from modeling_vltp.conversion import (
     sam_config_for_variant,
     segment_anything_outputs,
 )
-
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,8 @@ def _original_with(tmp_path, original_checkpoint, edit) -> Path:
         ),
         (
             lambda state: state.update({"image_encoder.blocks.4.norm1.weight": torch.zeros(32)}),
-            r"has weights that SAM \(hidden size 32, 4 layers\) does not have: image_encoder\.blocks\.4\.norm1\.weight",
+            r"has weights that SAM \(hidden size 32, 4 layers\) does not have: "
+            r"image_encoder\.blocks\.4\.norm1\.weight",
         ),
     ],
     ids=["missing-key", "wrong-shape", "extra-key"],

@@ -13,8 +13,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from test_conversion import leftovers, randomize, tiny_sam_config
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -45,7 +45,6 @@ from modeling_vltp.conversion import (
     segment_anything_outputs,
 )
 from modeling_vltp.testing import tiny_model_and_processor
-
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIED_KEY = "prompt_encoder.shared_embedding.positional_embedding"  # saved once, as shared_image_embedding
@@ -385,7 +384,8 @@ def test_convert_lisa_in_bfloat16(tmp_path, lisa):
 
 
 def test_convert_lisa_reads_a_vision_tower_inside_the_checkpoint(tmp_path, lisa):
-    # LISA checkpoints that kept the vision tower hold it in LLaVA-v1's CLIPVisionTower: model.vision_tower.vision_tower.
+    # LISA checkpoints that kept the vision tower hold it in LLaVA-v1's CLIPVisionTower:
+    # model.vision_tower.vision_tower.
     lisa.weights.update({f"model.vision_tower.vision_tower.{k}": v for k, v in lisa.clip.state_dict().items()})
     lisa.write()
     output_dir = convert_lisa(lisa.folder, tmp_path / "out", sam_variant=tiny_sam_config())

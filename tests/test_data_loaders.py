@@ -12,7 +12,6 @@ from pycocotools import mask as mask_utils
 
 from modeling_vltp.data import COCO_TASKS_NAMES, decode_mask, load_coco_tasks, load_rio
 
-
 DATA_FORMATS = Path(__file__).resolve().parents[2] / "shared" / "data-formats"
 needs_excerpts = pytest.mark.skipif(not DATA_FORMATS.is_dir(), reason="../shared/data-formats is not present")
 

@@ -22,7 +22,6 @@ from modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel, VLTPVisio
 from modeling_vltp.hub import HubError, encoder_gmacs, hub_errors, model_card, push_to_hub_with_card
 from modeling_vltp.testing import tiny_model_and_processor, tiny_processor
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "testorg/vltp-tiny"
 FULL_REPO_ID = "testorg/vltp-tiny-system"
@@ -172,7 +171,8 @@ def test_push_cli_reports_errors_in_one_line(tmp_path, hub):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: Cannot push to 'bob/vltp-tiny': offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache."
+        "error: Cannot push to 'bob/vltp-tiny': offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local "
+        "cache."
     )
 
 
@@ -317,8 +317,9 @@ def test_push_adapter_with_card_then_pull_and_merge(tmp_path, hub):
             False,
             marks=pytest.mark.xfail(
                 version.parse(transformers.__version__) < version.parse("5.24"),
-                reason="olah answers 401, not 404, for a file missing at a branch name (404 at a commit sha); transformers "
-                "before 5.24 probes adapter_config.json at 'main' and takes the 401 for a missing repository",
+                reason="olah answers 401, not 404, for a file missing at a branch name (404 at a commit sha); "
+                "transformers before 5.24 probes adapter_config.json at 'main' and takes the 401 for a missing "
+                "repository",
             ),
         ),
     ],

@@ -22,7 +22,6 @@ from modeling_vltp.processing_vltp import (
 )
 from modeling_vltp.testing import tiny_processor, tiny_tokenizer
 
-
 SAM_SIZE = 128
 NUM_IMAGE_TOKENS = 16
 

@@ -8,7 +8,6 @@ from PIL import Image
 
 from modeling_vltp.data import load_coco_tasks, load_rio, synthetic
 
-
 SIZE = 96
 
 # The task vocabulary as the documentation states it, written out independently of the module's

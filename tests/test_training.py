@@ -1,5 +1,5 @@
-"""Finetuning with the Trainer: both stages on the tiny system and a small synthetic world, the SEG cache, rate changes,
-resuming, the metrics, `vltp train` / `vltp eval`, bad input, and a 2-process DDP run."""
+"""Finetuning with the Trainer: both stages on the tiny system and a small synthetic world, the SEG cache, rate
+changes, resuming, the metrics, `vltp train` / `vltp eval`, bad input, and a 2-process DDP run."""
 
 import json
 import os
@@ -110,7 +110,10 @@ def stage2(world, stage1, tmp_path_factory):
 
 def weights(directory) -> dict:
     """A saved model's weights under the module names (LLaVA's are stored under its legacy names)."""
-    return {name: tensor.clone() for name, tensor in VLTPForTaskSegmentation.from_pretrained(directory).state_dict().items()}
+    return {
+        name: tensor.clone()
+        for name, tensor in VLTPForTaskSegmentation.from_pretrained(directory).state_dict().items()
+    }
 
 
 def test_stage1_wraps_only_the_trained_parts(base_model):
@@ -137,8 +140,13 @@ def test_stage1_changes_only_the_trained_weights(base_model, stage1):
     output, summary = stage1
     before, after = weights(base_model), weights(output)
     assert before.keys() == after.keys()
-    new_rows = [VLTPProcessor.from_pretrained(base_model).seg_token_id, VLTPProcessor.from_pretrained(base_model).image_token_id]
-    trained = re.compile(r"^(text_hidden_fcs|mask_decoder)\.|language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)\.")
+    new_rows = [
+        VLTPProcessor.from_pretrained(base_model).seg_token_id,
+        VLTPProcessor.from_pretrained(base_model).image_token_id,
+    ]
+    trained = re.compile(
+        r"^(text_hidden_fcs|mask_decoder)\.|language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)\."
+    )
     for name in before:
         if name in ("llava.model.language_model.embed_tokens.weight", "llava.lm_head.weight"):
             keep = torch.ones(len(before[name]), dtype=torch.bool)
@@ -156,16 +164,21 @@ def test_stage1_changes_only_the_trained_weights(base_model, stage1):
     ):
         assert not torch.equal(before[name], after[name]), f"{name} did not train"
     assert summary.global_step == 4 and set(summary.eval_metrics) >= {"eval_gIoU", "eval_cIoU", "eval_gmacs"}
-    assert summary.eval_metrics["eval_gmacs"] == pytest.approx(vision_gmacs(
-        VLTPForTaskSegmentation.config_class.from_pretrained(output).vision_config, [0.0]
-    ))
+    assert summary.eval_metrics["eval_gmacs"] == pytest.approx(
+        vision_gmacs(VLTPForTaskSegmentation.config_class.from_pretrained(output).vision_config, [0.0])
+    )
     loaded = VLTPForTaskSegmentation.from_pretrained(output)  # a plain checkpoint: no peft needed to load it
-    assert loaded.prompt_encoder.shared_embedding.positional_embedding is loaded.shared_image_embedding.positional_embedding
+    assert (
+        loaded.prompt_encoder.shared_embedding.positional_embedding
+        is loaded.shared_image_embedding.positional_embedding
+    )
 
 
 def test_stage1_with_gradient_checkpointing_and_bf16_trains_lora(world, base_model, tmp_path):
     output = tmp_path / "run"
-    config = settings(world, base_model, output, training={"max_steps": 1, "gradient_checkpointing": True, "bf16": True})
+    config = settings(
+        world, base_model, output, training={"max_steps": 1, "gradient_checkpointing": True, "bf16": True}
+    )
     del config["data"]["eval_split"]
     summary = train(TrainConfig.from_dict(config, stage=1))
     before, after = weights(base_model), weights(output)
@@ -187,18 +200,24 @@ def test_seg_cache_holds_the_models_seg_embeddings(world, stage1, stage2):
     torch.testing.assert_close(torch.tensor(row["seg_embed"]), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_stage2_trains_prune_and_mask_decoders_from_the_cache_without_llava(world, stage1, stage2, tmp_path, monkeypatch):
+def test_stage2_trains_prune_and_mask_decoders_from_the_cache_without_llava(
+    world, stage1, stage2, tmp_path, monkeypatch
+):
     output, cache, summary = stage2
     before, after = weights(stage1[0]), weights(output)
     for name in before:
         if name.startswith(("vision_model.prune_decoder.", "mask_decoder.")):
             continue
         assert torch.equal(before[name], after[name]), f"{name} changed but is frozen in stage 2"
-    assert not torch.equal(before["vision_model.prune_decoder.conv1.weight"], after["vision_model.prune_decoder.conv1.weight"])
+    assert not torch.equal(
+        before["vision_model.prune_decoder.conv1.weight"], after["vision_model.prune_decoder.conv1.weight"]
+    )
     assert not torch.equal(before["mask_decoder.iou_token.weight"], after["mask_decoder.iou_token.weight"])
     assert VLTPForTaskSegmentation.config_class.from_pretrained(output).vision_config.prune_rates == [0.5]
     gmacs = summary.eval_metrics["eval_gmacs"]
-    assert gmacs == pytest.approx(vision_gmacs(VLTPForTaskSegmentation.config_class.from_pretrained(output).vision_config, [0.5]))
+    assert gmacs == pytest.approx(
+        vision_gmacs(VLTPForTaskSegmentation.config_class.from_pretrained(output).vision_config, [0.5])
+    )
 
     def no_llava(*args, **kwargs):
         raise AssertionError("stage 2 built LLaVA although the [SEG] cache exists")
@@ -218,8 +237,13 @@ def test_rate_change_finetunes_from_the_previous_rates_checkpoint(world, stage2,
     assert config.vision_config.prune_rates == [0.75]
     assert summary.eval_metrics["eval_gmacs"] < vision_gmacs(config.vision_config, [0.5])
     before, after = weights(previous), weights(output)
-    assert not torch.equal(before["vision_model.prune_decoder.conv1.weight"], after["vision_model.prune_decoder.conv1.weight"])
-    assert torch.equal(before["vision_model.vision_encoder.layers.0.attn.qkv.weight"], after["vision_model.vision_encoder.layers.0.attn.qkv.weight"])
+    assert not torch.equal(
+        before["vision_model.prune_decoder.conv1.weight"], after["vision_model.prune_decoder.conv1.weight"]
+    )
+    assert torch.equal(
+        before["vision_model.vision_encoder.layers.0.attn.qkv.weight"],
+        after["vision_model.vision_encoder.layers.0.attn.qkv.weight"],
+    )
 
 
 class StopAt(TrainerCallback):
@@ -241,7 +265,9 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(world, stage1, st
     def config(output, **extra):
         if stage == 1:
             return TrainConfig.from_dict(settings(world, stage1[0], output, training=checkpoints, **extra), stage=1)
-        return TrainConfig.from_dict(stage2_settings(world, stage1[0], output, stage2[1], training=checkpoints, **extra), stage=2)
+        return TrainConfig.from_dict(
+            stage2_settings(world, stage1[0], output, stage2[1], training=checkpoints, **extra), stage=2
+        )
 
     train(config(tmp_path / "straight"))
     interrupted = train(config(tmp_path / "resumed"), callbacks=[StopAt(2)])
@@ -257,8 +283,10 @@ def test_compute_metrics_agree_with_the_tos_metrics_at_each_images_size():
     images = [np.zeros((40, 70, 3), np.uint8), np.zeros((90, 50, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)]
     targets = [rng.random(image.shape[:2]) > 0.6 for image in images]
     targets[2][:] = False  # an empty target: IoU 1 if the prediction is empty too
-    rows = [{"image": _pil(image), "task": "dig a hole", "mask": target.astype(np.uint8), "task_id": task}
-            for image, target, task in zip(images, targets, [1, 2, 1])]
+    rows = [
+        {"image": _pil(image), "task": "dig a hole", "mask": target.astype(np.uint8), "task_id": task}
+        for image, target, task in zip(images, targets, [1, 2, 1])
+    ]
     batch = VLTPDataCollator(processor, keep_targets=True)(rows)
     logits = torch.randn(3, 32, 32)
     logits[2] = -5.0
@@ -304,11 +332,30 @@ def test_cli_train_and_eval_from_a_yaml_config(world, base_model, stage1, tmp_pa
     assert main(["train", "--stage", "1", "--config", str(write_yaml(tmp_path / "stage1.yaml", config))]) == 0
     printed = capsys.readouterr().out
     assert "vltp train: stage 1 done" in printed and "4 steps" in printed and f"model -> {tmp_path / 'out'}" in printed
-    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "processor_config.json").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (
+        tmp_path / "out" / "processor_config.json"
+    ).is_file()
     assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["global_step"] == 4
 
-    status = main(["eval", "--data", "rio", "--annotations", str(world), "--images", str(world), "--split", "common",
-                   "--model", str(stage1[0]), "--prune-rates", "0,0.5", "--batch-size", "4"])
+    status = main(
+        [
+            "eval",
+            "--data",
+            "rio",
+            "--annotations",
+            str(world),
+            "--images",
+            str(world),
+            "--split",
+            "common",
+            "--model",
+            str(stage1[0]),
+            "--prune-rates",
+            "0,0.5",
+            "--batch-size",
+            "4",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert status == 0 and lines[0].startswith("RIO common: 6 samples")
     assert lines[1].split() == ["Model", "pruning", "rate", "gIoU", "(%)", "cIoU", "(%)", "GMACs"]
@@ -341,27 +388,49 @@ def _rio_with_empty_masks(world: Path, target: Path) -> Path:
 
 BAD_INPUTS = {
     "missing config": (1, lambda c, t, w: None, "config file not found"),
-    "missing model": (1, lambda c, t, w: c.update(model=str(t / "nowhere")), "field 'model': .* is not a VLTP checkpoint"),
-    "missing annotations": (1, lambda c, t, w: c["data"].update(annotations=str(t / "nowhere")), "field 'data.annotations': no such file"),
+    "missing model": (
+        1,
+        lambda c, t, w: c.update(model=str(t / "nowhere")),
+        "field 'model': .* is not a VLTP checkpoint",
+    ),
+    "missing annotations": (
+        1,
+        lambda c, t, w: c["data"].update(annotations=str(t / "nowhere")),
+        "field 'data.annotations': no such file",
+    ),
     "missing images": (1, lambda c, t, w: c["data"].update(images=str(t)), "image file not found"),
     "annotations without masks": (
-        1, lambda c, t, w: c["data"].update(annotations=str(_rio_without_masks(w, t / "ann"))), "field 'mask_list': missing"
+        1,
+        lambda c, t, w: c["data"].update(annotations=str(_rio_without_masks(w, t / "ann"))),
+        "field 'mask_list': missing",
     ),
     "only empty masks": (
-        1, lambda c, t, w: c["data"].update(annotations=str(_rio_with_empty_masks(w, t / "ann"))), "no target masks"
+        1,
+        lambda c, t, w: c["data"].update(annotations=str(_rio_with_empty_masks(w, t / "ann"))),
+        "no target masks",
     ),
     "unknown field": (1, lambda c, t, w: c.update(learning_rate=1), "unknown field 'learning_rate'"),
     "unknown data field": (1, lambda c, t, w: c["data"].update(split="train"), "unknown field 'data.split'"),
     "wrong type": (1, lambda c, t, w: c["lora"].update(r="eight"), "field 'lora.r': expected <class 'int'>"),
     "unknown training argument": (1, lambda c, t, w: c["training"].update(lr=1), "field 'training.lr': not a field"),
     "rates in stage 1": (1, lambda c, t, w: c.update(prune_rates=[0.5]), "stage 1 trains the dense model"),
-    "resume without checkpoint": (1, lambda c, t, w: c.update(resume_from_checkpoint=True), "no checkpoint-\\* folder"),
-    "rate out of range": (2, lambda c, t, w: c.update(prune_rates=[1.2]), r"field 'prune_rates': prune_rates must each be in \[0, 1\)"),
+    "resume without checkpoint": (
+        1,
+        lambda c, t, w: c.update(resume_from_checkpoint=True),
+        "no checkpoint-\\* folder",
+    ),
+    "rate out of range": (
+        2,
+        lambda c, t, w: c.update(prune_rates=[1.2]),
+        r"field 'prune_rates': prune_rates must each be in \[0, 1\)",
+    ),
     "too many rates": (2, lambda c, t, w: c.update(prune_rates=[0.5, 0.5]), "one rate per pruning stage"),
     "stage 2 without stage-1 checkpoint": (2, lambda c, t, w: c.update(model=str(t)), "is not a stage-1 checkpoint"),
     "stage 2 without SEG cache": (2, lambda c, t, w: c.pop("seg_cache"), "field 'seg_cache': missing"),
     "stage 2 with a folder that is no SEG cache": (
-        2, lambda c, t, w: (t / "junk").mkdir() or c.update(seg_cache=str(t / "junk")), "is not a \\[SEG\\] cache"
+        2,
+        lambda c, t, w: (t / "junk").mkdir() or c.update(seg_cache=str(t / "junk")),
+        "is not a \\[SEG\\] cache",
     ),
 }
 
@@ -388,17 +457,42 @@ def test_bad_input_fails_in_one_line_before_anything_is_written(world, stage1, t
 def test_two_processes_save_what_one_process_saves(world, base_model, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo), batch 1 each, against 1 process with batch 2: same data order,
     no dropout, one answer (so that the LM loss averages the same tokens)."""
+
     def run(name, processes):
-        config = settings(world, base_model, tmp_path / name, training={
-            "per_device_train_batch_size": 2 // processes, "save_strategy": "steps", "save_steps": 4,
-        })
+        config = settings(
+            world,
+            base_model,
+            tmp_path / name,
+            training={
+                "per_device_train_batch_size": 2 // processes,
+                "save_strategy": "steps",
+                "save_steps": 4,
+            },
+        )
         path = write_yaml(tmp_path / f"{name}.yaml", config)
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         command = [*launcher, "-m"] if processes > 1 else [sys.executable, "-m"]
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-        result = subprocess.run([*command, "modeling_vltp.cli", "train", "--stage", "1", "--config", str(path)],
-                                capture_output=True, text=True, timeout=300, env=environment)
+        result = subprocess.run(
+            [*command, "modeling_vltp.cli", "train", "--stage", "1", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 

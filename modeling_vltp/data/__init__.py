@@ -8,7 +8,6 @@ from .masks import decode_mask, decode_mask_batch
 from .records import FEATURES
 from .rio import RIO_SPLITS, load_rio
 
-
 __all__ = [
     "COCO_TASKS_NAMES",
     "COCO_TASKS_TEMPLATE",

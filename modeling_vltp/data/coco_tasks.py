@@ -19,7 +19,6 @@ from datasets import Dataset
 from .masks import InvalidFieldError, check_box, check_segmentation, encode_mask
 from .records import BadRecords, build_dataset, read_json, require, require_image, require_size
 
-
 # Task names in the official order (task N is COCO_TASKS_NAMES[N - 1]), as VLTP words them.
 COCO_TASKS_NAMES = (
     "step on",

@@ -16,7 +16,6 @@ from numbers import Real
 import numpy as np
 from pycocotools import mask as mask_utils
 
-
 # COCO coordinates may touch the image border (x == width) and some annotation tools round
 # outward, so coordinates up to one pixel outside the image are accepted.
 BORDER_TOLERANCE = 1.0

@@ -11,7 +11,6 @@ from datasets import Dataset, Features, Image, Sequence, Value
 
 from .masks import InvalidFieldError, decode_mask_batch
 
-
 logger = logging.getLogger(__name__)
 
 # Stored schema. ``mask`` holds the encoded-mask JSON string (see ``masks.py``); the returned datasets

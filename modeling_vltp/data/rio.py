@@ -14,7 +14,6 @@ from datasets import Dataset
 from .masks import InvalidFieldError, check_box, check_segmentation, encode_mask
 from .records import BadRecords, build_dataset, read_json, require, require_image, require_size
 
-
 RIO_SPLITS = ("train", "common", "uncommon")
 
 

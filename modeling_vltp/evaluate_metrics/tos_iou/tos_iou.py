@@ -9,7 +9,6 @@ import evaluate
 
 from modeling_vltp.metrics import compute_tos_metrics
 
-
 _DESCRIPTION = """\
 IoU metrics of RIO / COCO-Tasks as LISA and VLTP report them: gIoU (mean per-sample IoU), cIoU (total
 intersection over total union) and, given task ids, mIoU_tasks (the mean over tasks of each task's cIoU).
