@@ -2,7 +2,8 @@
 after layer 1 of 4), from scratch, on the synthetic task world, on the CPU (issue item 5; see docs/training.md).
 
 1. Pretraining stand-in: every weight of the small system is trained densely on the training split (in the real system
-   this is what the pretrained SAM and LLaVA bring).
+   this is what the pretrained SAM and LLaVA bring), with a linear task probe on the `[SEG]` embeddings that stands in
+   for a pretrained LLaVA's knowledge of what each task asks for (`TaskProbeTrainer`).
 2. Stage 1 (`train_stage1`): LISA's recipe on top, LoRA + projection + mask decoder + new-token rows.
 3. Stage 2 (`train_stage2`): VLTP@Finetune at rate 0.5 from the `[SEG]` cache.
 
@@ -53,9 +54,55 @@ class RandomTokenScores(nn.Module):
         return torch.rand(image_tokens.shape[0], self.num_tokens, generator=self.generator).to(image_tokens.device)
 
 
-def pretrain(world: Path, output: Path, steps: int, batch_size: int, learning_rate: float, seed: int) -> None:
-    """Train every weight of the small system densely (LM + mask losses), the stand-in for pretrained SAM and LLaVA."""
+# Which of the world's tasks a phrasing asks for (the task probe of the pretraining stand-in).
+TASK_INDEX = {
+    phrasing: index
+    for index, task in enumerate(synthetic.TASKS)
+    for phrasing in (*task.phrasings, *task.heldout_phrasings)
+}
+
+
+class WithTaskIndex:
+    """The collator's batch plus `task_index`, the world's task (0..11) each row asks for."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        batch["task_index"] = torch.tensor([TASK_INDEX[row["task"].strip()] for row in rows])
+        return batch
+
+
+class TaskProbeTrainer(VLTPTrainer):
+    """The pretraining stand-in's trainer: LISA's losses plus a linear task probe on the `[SEG]` embeddings
+    (cross-entropy over the world's 12 tasks, weight `probe_weight`).
+
+    A pretrained LLaVA already knows what a task asks for; the tiny LLaVA trained from scratch does not learn it from
+    the mask losses alone (its `[SEG]` embeddings stay nearly alike for every task, 30-40% nearest-centroid task
+    accuracy after 300 steps), so SAM gets no usable guidance. The probe stands in for that knowledge; stage 1 and
+    stage 2 train without it.
+    """
+
+    def __init__(self, *args, probe_weight: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.probe_weight = probe_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = self._forward(model, inputs)
+        task_logits = model.task_probe(outputs.seg_embeds)
+        probe = nn.functional.cross_entropy(task_logits, inputs["task_index"][outputs.seg_sample_indices])
+        loss = self.weighted_loss(outputs) + self.probe_weight * probe
+        return (loss, outputs) if return_outputs else loss
+
+
+def pretrain(
+    world: Path, output: Path, steps: int, batch_size: int, learning_rate: float, seed: int, probe_weight: float
+) -> None:
+    """Train every weight of the small system densely (LM + mask losses + task probe), the stand-in for pretrained
+    SAM and LLaVA."""
     model, processor = small_model_and_processor(seed=seed)
+    model.task_probe = nn.Linear(model.config.vision_config.guidance_dim, len(synthetic.TASKS))
     dense = [0.0] * len(model.config.vision_config.prune_layers)
     config = TrainConfig.from_dict(
         {
@@ -77,17 +124,19 @@ def pretrain(world: Path, output: Path, steps: int, batch_size: int, learning_ra
         },
         stage=1,
     )
-    trainer = VLTPTrainer(
+    trainer = TaskProbeTrainer(
         model=model.train(),
+        probe_weight=probe_weight,
         args=training_arguments(config),
         train_dataset=load_rio(world, world, "train"),
-        data_collator=VLTPDataCollator(processor, config.answers, seed=seed),
+        data_collator=WithTaskIndex(VLTPDataCollator(processor, config.answers, seed=seed)),
         processing_class=processor,
         losses=STAGE1_LOSSES,
         input_names=STAGE1_INPUTS,
         prune_rates=dense,
     )
     trainer.train()
+    del model.task_probe
     model.save_pretrained(output)
     processor.save_pretrained(output)
 
@@ -113,6 +162,7 @@ def main():
     parser.add_argument("--eval-images", type=int, default=40)
     parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
+    parser.add_argument("--probe-weight", type=float, default=1.0, help="task probe in the pretraining stand-in")
     parser.add_argument("--stage1-steps", type=int, default=100)
     parser.add_argument("--stage2-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -129,20 +179,47 @@ def main():
     data = {"format": "rio", "annotations": str(world), "images": str(world), "eval_split": "common"}
     common = {"report_to": "none", "use_cpu": True, "seed": args.seed, "save_strategy": "no", "disable_tqdm": True}
 
-    pretrain(world, out / "pretrained", args.pretrain_steps, args.batch_size, args.pretrain_lr, args.seed)
+    pretrain(
+        world, out / "pretrained", args.pretrain_steps, args.batch_size, args.pretrain_lr, args.seed, args.probe_weight
+    )
     print(f"pretrained in {time.monotonic() - start:.0f} s")
-    train(TrainConfig.from_dict({
-        "model": str(out / "pretrained"), "output_dir": str(out / "stage1"), "data": data,
-        "training": {"max_steps": args.stage1_steps, "per_device_train_batch_size": args.batch_size,
-                     "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "warmup_steps": 0, **common},
-    }, stage=1))
+    train(
+        TrainConfig.from_dict(
+            {
+                "model": str(out / "pretrained"),
+                "output_dir": str(out / "stage1"),
+                "data": data,
+                "training": {
+                    "max_steps": args.stage1_steps,
+                    "per_device_train_batch_size": args.batch_size,
+                    "gradient_accumulation_steps": 1,
+                    "learning_rate": 1e-3,
+                    "warmup_steps": 0,
+                    **common,
+                },
+            },
+            stage=1,
+        )
+    )
     print(f"stage 1 done at {time.monotonic() - start:.0f} s")
-    train(TrainConfig.from_dict({
-        "model": str(out / "stage1"), "output_dir": str(out / "stage2"), "seg_cache": str(out / "seg_cache"),
-        "prune_rates": [0.5], "data": data,
-        "training": {"max_steps": args.stage2_steps, "per_device_train_batch_size": args.batch_size,
-                     "learning_rate": 1e-3, **common},
-    }, stage=2))
+    train(
+        TrainConfig.from_dict(
+            {
+                "model": str(out / "stage1"),
+                "output_dir": str(out / "stage2"),
+                "seg_cache": str(out / "seg_cache"),
+                "prune_rates": [0.5],
+                "data": data,
+                "training": {
+                    "max_steps": args.stage2_steps,
+                    "per_device_train_batch_size": args.batch_size,
+                    "learning_rate": 1e-3,
+                    **common,
+                },
+            },
+            stage=2,
+        )
+    )
     print(f"stage 2 done at {time.monotonic() - start:.0f} s")
 
     evaluation = load_rio(world, world, "common")
@@ -164,13 +241,18 @@ def main():
     pruned_model.vision_model.prune_decoder = RandomTokenScores(pruned_model.vision_model.grid_size**2, args.seed)
     rows.append(("random 50%", *scores(pruned_model, [0.5])))
 
-    print(f"\nSynthetic world, {len(evaluation)} held-out samples ({args.eval_images} unseen images), {len(targeted)} of "
-          f"them with a non-empty target; {time.monotonic() - start:.0f} s in all")
+    print(
+        f"\nSynthetic world, {len(evaluation)} held-out samples ({args.eval_images} unseen images), "
+        f"{len(targeted)} of them with a non-empty target; {time.monotonic() - start:.0f} s in all"
+    )
     print(f"| {'method':<20} | {'gIoU all':>8} | {'cIoU all':>8} | {'gIoU non-empty':>14} | {'ViT GMACs':>9} |")
     print(f"|{'-' * 22}|{'-' * 10}|{'-' * 10}|{'-' * 16}|{'-' * 11}|")
     for name, all_samples, with_target, gmacs in rows:
-        print(f"| {name:<20} | {100 * all_samples['gIoU']:>8.1f} | {100 * all_samples['cIoU']:>8.1f} | "
-              f"{100 * with_target['gIoU']:>14.1f} | {gmacs:>9.4f} |")
+        print(
+            f"| {name:<20} | {100 * all_samples['gIoU']:>8.1f} | {100 * all_samples['cIoU']:>8.1f} | "
+            f"{100 * with_target['gIoU']:>14.1f} | {gmacs:>9.4f} |"
+        )
+
 
 if __name__ == "__main__":
     main()
