@@ -58,7 +58,7 @@ def iou_per_sample(pred_masks, masks):
 
 def test_dense_training_and_vltp_pruning_learn(tmp_path):
     start = time.monotonic()
-    synthetic.generate(tmp_path, 200, seed=0, format="rio", split="train")
+    synthetic.generate(tmp_path, 150, seed=0, format="rio", split="train")
     synthetic.generate(tmp_path, 30, seed=1, format="rio", split="common")
     model, processor = small_model_and_processor(seed=0)
     train, held_out = tensors(tmp_path, "train", processor), tensors(tmp_path, "common", processor)
@@ -81,7 +81,7 @@ def test_dense_training_and_vltp_pruning_learn(tmp_path):
     # Dense training of every weight (the benchmark's pretraining stand-in), prune decoder left out.
     dense_parameters = [p for n, p in model.named_parameters() if "prune_decoder" not in n] + list(probe.parameters())
     run(
-        400,
+        350,
         dense_parameters,
         [0.0],
         lambda out, tasks: out.loss + F.cross_entropy(probe(out.seg_embeds), tasks[out.seg_sample_indices]),
@@ -105,7 +105,7 @@ def test_dense_training_and_vltp_pruning_learn(tmp_path):
 
     # Stage 2's job on the prune decoder only: L_P plus the mask losses at rate 0.5.
     decoder = list(model.vision_model.prune_decoder.parameters())
-    run(50, decoder, [0.5], lambda out, tasks: out.loss - model.config.lm_loss_weight * out.lm_loss, 1e-3)
+    run(40, decoder, [0.5], lambda out, tasks: out.loss - model.config.lm_loss_weight * out.lm_loss, 1e-3)
     with torch.no_grad():
         vltp = scores([0.5])
         model.vision_model.prune_decoder.forward = lambda tokens, guidance: torch.rand(
