@@ -12,6 +12,11 @@ docs/training.md).
 
 import argparse
 import sys
+from pathlib import Path
+
+# A tiny VLTP trained on the synthetic task world by benchmarks/learn_synthetic.py, shipped with the package so that
+# `vltp segment` works offline without a checkpoint.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 
 
 class CommandError(Exception):
@@ -31,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment what a task asks for in an image")
     segment.add_argument("image", help="path of the image")
     segment.add_argument("task", help='the task, e.g. "you can ride the thing to your destination"')
-    segment.add_argument("--model", help="a local directory or a Hub id of a VLTP checkpoint with its processor")
+    segment.add_argument(
+        "--model",
+        help="a local directory or a Hub id of a VLTP checkpoint with its processor (default: the built-in demo "
+        "model, trained on the synthetic task world)",
+    )
     segment.add_argument("--prune-rates", type=_parse_rates, help="one rate per pruning stage, e.g. 0.5,0.5")
     segment.add_argument("--out", default="mask.png", help="where to write the mask (default: mask.png)")
     segment.add_argument("--overlay", help="where to write the image with the mask over it")
@@ -111,10 +120,15 @@ def _save(image, path: str, what: str) -> None:
 def segment_command(args) -> None:
     from .visualization import mask_image, overlay_mask, pruning_map
 
-    if args.model is None:
-        raise CommandError("no --model given: name a local VLTP checkpoint directory or a Hub id")
     image = _load_image(args.image)
-    model, processor = _load_model(args.model, args.device)
+    if args.model is None:
+        if not DEMO_MODEL_DIR.is_dir():
+            raise CommandError("no --model given and this installation has no demo model: name a VLTP checkpoint")
+        print(
+            "model:  the built-in demo, a tiny VLTP trained on the synthetic task world "
+            "(python -m modeling_vltp.data.synthetic); give --model for real images"
+        )
+    model, processor = _load_model(args.model or str(DEMO_MODEL_DIR), args.device)
     try:
         (result,) = model.segment(
             image, args.task, processor, prune_rates=args.prune_rates, max_new_tokens=args.max_new_tokens

@@ -139,7 +139,6 @@ def test_segment_runs_as_a_command(tmp_path, world, model_dir):
         (["segment", "{image}", "task", "--model", "{missing_model}"], "cannot load model"),
         (["segment", "{image}", "task", "--model", "{model}", "--prune-rates", "1.5"], r"prune_rates must each be"),
         (["segment", "{image}", "task", "--model", "{model}", "--out", "{bad_dir}/m.png"], "cannot write the mask"),
-        (["segment", "{image}", "task"], "no --model given"),
     ],
 )
 def test_bad_input_gives_one_line_and_a_non_zero_status(tmp_path, world, model_dir, capsys, arguments, message):
@@ -181,3 +180,25 @@ def test_offline_hub_is_one_line(world):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("vltp: error: cannot load model 'someone/vltp-tiny-missing'")
+
+
+def test_segment_without_model_uses_the_built_in_demo(tmp_path, capsys):
+    """The README's main job on a fresh machine: a synthetic image, no --model, no network."""
+    synthetic.generate(tmp_path / "world", num_images=1, seed=11, image_size=128, format="rio", split="common")
+    image = sorted((tmp_path / "world" / "val2014").glob("*.jpg"))[0]
+    rows = load_rio(tmp_path / "world", tmp_path / "world", "common")
+    status = main(
+        [
+            "segment",
+            str(image),
+            rows[0]["task"],
+            "--out",
+            str(tmp_path / "m.png"),
+            "--show-pruning",
+            str(tmp_path / "p.png"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "demo" in printed and "synthetic task world" in printed
+    assert "[SEG]" in printed and (tmp_path / "m.png").exists() and (tmp_path / "p.png").exists()
