@@ -1,6 +1,6 @@
 """Speed of VLTP's pruned SAM image encoder, side by side with transformers' `SamVisionModel`.
 
-One run times, interleaved round by round so that drift hits every variant alike:
+One run times, interleaved round by round (in a rotating order) so that drift hits every variant alike:
   transformers' SamVisionModel (dense), our model without guidance (dense), and ours pruned at each rate given.
 It prints the GMACs of each variant (`count_gmacs`), the median milliseconds, the speedup over our dense run, and that
 speedup divided by the MAC-ideal speedup (dense GMACs / pruned GMACs).
@@ -84,9 +84,13 @@ def main():
         gmacs[name] = count_gmacs(meta_model, meta_pixels, **meta_kwargs) * args.batch_size
 
     times = {name: [] for name in variants}
+    names = list(variants)
     with torch.inference_mode():
         for round_index in range(args.runs + 1):
-            for name, (model, kwargs) in variants.items():
+            # rotate the order every round, so that no variant always runs right after the same one
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                model, kwargs = variants[name]
                 synchronize(device)
                 start = time.perf_counter()
                 model(pixel_values, **kwargs)
