@@ -12,11 +12,10 @@ segment_anything when installed) before OUT is written; a refused or failed conv
 import argparse
 import sys
 
-from convert_sam import comma_separated
+from convert_sam import comma_separated, run_conversion
 from convert_vltp import DTYPES
 
 from modeling_vltp.conversion import SAM_VARIANTS, convert_lisa
-from modeling_vltp.hub import HubError
 
 
 def main(argv=None) -> int:
@@ -29,21 +28,17 @@ def main(argv=None) -> int:
     parser.add_argument("--prune-rates", type=comma_separated(float), help="e.g. 0.5,0.5 (default: 0.5 each)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
     args = parser.parse_args(argv)
-    try:
-        output_dir = convert_lisa(
-            args.input,
-            args.output_dir,
-            vision_tower=args.vision_tower,
-            sam_variant=args.sam_variant,
-            prune_layers=args.prune_layers,
-            prune_rates=args.prune_rates,
-            dtype=DTYPES[args.dtype],
-        )
-    except (FileNotFoundError, FileExistsError, ValueError, HubError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Converted {args.input} to {output_dir}")
-    return 0
+    return run_conversion(
+        convert_lisa,
+        args.input,
+        args.output_dir,
+        description=args.input,
+        vision_tower=args.vision_tower,
+        sam_variant=args.sam_variant,
+        prune_layers=args.prune_layers,
+        prune_rates=args.prune_rates,
+        dtype=DTYPES[args.dtype],
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ def comma_separated(cast):
     return parse
 
 
+def run_conversion(convert, *args, description: str, **kwargs) -> int:
+    """Run `convert(*args, **kwargs)`, print where the result went, or its refusal in one line; the exit status."""
+    try:
+        output_dir = convert(*args, **kwargs)
+    except (FileNotFoundError, FileExistsError, ValueError, HubError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Converted {description} to {output_dir}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=["hf", "original"], required=True, help="the input's layout")
@@ -34,20 +45,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.source == "original" and args.variant is None:
         parser.error("--source original needs --variant (Meta's checkpoints carry no config)")
-    try:
-        output_dir = convert_sam(
-            args.input,
-            args.output_dir,
-            source=args.source,
-            variant=args.variant,
-            prune_layers=args.prune_layers,
-            prune_rates=args.prune_rates,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError, HubError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Converted {args.input} to {output_dir}")
-    return 0
+    return run_conversion(
+        convert_sam,
+        args.input,
+        args.output_dir,
+        description=args.input,
+        source=args.source,
+        variant=args.variant,
+        prune_layers=args.prune_layers,
+        prune_rates=args.prune_rates,
+    )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,9 @@ import argparse
 import sys
 
 import torch
-from convert_sam import comma_separated
+from convert_sam import comma_separated, run_conversion
 
 from modeling_vltp.conversion import convert_vltp
-from modeling_vltp.hub import HubError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,20 +28,16 @@ def main(argv=None) -> int:
     parser.add_argument("--prune-rates", type=comma_separated(float), help="e.g. 0.5,0.5 (default: 0.5 each)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
     args = parser.parse_args(argv)
-    try:
-        output_dir = convert_vltp(
-            args.llava,
-            args.sam,
-            args.output_dir,
-            prune_layers=args.prune_layers,
-            prune_rates=args.prune_rates,
-            dtype=DTYPES[args.dtype],
-        )
-    except (FileNotFoundError, FileExistsError, ValueError, HubError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Converted {args.llava} and {args.sam} to {output_dir}")
-    return 0
+    return run_conversion(
+        convert_vltp,
+        args.llava,
+        args.sam,
+        args.output_dir,
+        description=f"{args.llava} and {args.sam}",
+        prune_layers=args.prune_layers,
+        prune_rates=args.prune_rates,
+        dtype=DTYPES[args.dtype],
+    )
 
 
 if __name__ == "__main__":

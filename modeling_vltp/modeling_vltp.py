@@ -626,12 +626,24 @@ class _VLTPSamSide:
             )
         return {"mask_bce_loss": bce, "mask_dice_loss": dice, "prune_loss": prune}
 
-    def _weighted_loss(self, losses: dict) -> torch.Tensor | None:
-        """The config's weighted sum of the loss parts that were computed."""
+    def _segmentation_output(
+        self, losses: dict, pred_masks, iou_scores, seg_embeds, samples, vision, logits=None
+    ) -> VLTPTaskSegmentationOutput:
+        """The output, with `loss` the config's weighted sum of the loss parts that were computed."""
         weighted = [
             getattr(self.config, f"{name}_weight") * value for name, value in losses.items() if value is not None
         ]
-        return sum(weighted) if weighted else None
+        return VLTPTaskSegmentationOutput(
+            loss=sum(weighted) if weighted else None,
+            **losses,
+            logits=logits,
+            pred_masks=pred_masks,
+            iou_scores=iou_scores,
+            seg_embeds=seg_embeds,
+            seg_sample_indices=samples,
+            token_scores=vision.token_scores,
+            keep_indices=vision.keep_indices,
+        )
 
 
 class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
@@ -757,17 +769,7 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
             vision = VLTPVisionOutput()
             if masks is not None:
                 losses.update(mask_bce_loss=seg_embeds.new_zeros(()), mask_dice_loss=seg_embeds.new_zeros(()))
-        output = VLTPTaskSegmentationOutput(
-            loss=self._weighted_loss(losses),
-            **losses,
-            logits=llm.logits,
-            pred_masks=pred_masks,
-            iou_scores=iou_scores,
-            seg_embeds=seg_embeds,
-            seg_sample_indices=samples,
-            token_scores=vision.token_scores,
-            keep_indices=vision.keep_indices,
-        )
+        output = self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision, llm.logits)
         return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
@@ -905,16 +907,7 @@ class VLTPSamSegmenter(_VLTPSamSide, VLTPPreTrainedModel):
         losses = {}
         if masks is not None:
             losses = self._mask_losses(pred_masks, vision, masks, reshaped_input_sizes, samples)
-        return VLTPTaskSegmentationOutput(
-            loss=self._weighted_loss(losses),
-            **losses,
-            pred_masks=pred_masks,
-            iou_scores=iou_scores,
-            seg_embeds=seg_embeds,
-            seg_sample_indices=samples,
-            token_scores=vision.token_scores,
-            keep_indices=vision.keep_indices,
-        )
+        return self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision)
 
 
 def _as_image_list(images) -> list:
