@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datasets import Image as ImageFeature
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -26,6 +25,11 @@ def _write_json(path: Path, data) -> Path:
 def _make_image(root: Path, folder: str, file_name: str, width: int = W, height: int = H) -> None:
     (root / folder).mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (width, height), (90, 120, 150)).save(root / folder / file_name)
+
+
+def _stored_path(dataset, index: int) -> str:
+    """The image path stored in row ``index``, read without the decoding transform."""
+    return dataset.with_format(None)[index]["image"]["path"]
 
 
 def _rectangle(x0, y0, x1, y1):
@@ -134,21 +138,22 @@ def test_rio_loads_polygons_and_both_rle_encodings(rio_dir):
     assert all(r["mask"].dtype == np.uint8 for r in rows)
     assert rows[0]["boxes"] == [[2, 2, 4, 3], [10, 5, 10, 10]] and rows[3]["boxes"] == []
     assert rows[0]["image"].size == (W, H)
-    assert dataset[0]["image"].filename.endswith("val2014/COCO_val2014_000000000011.jpg")
+    assert rows[0]["image"].mode == "RGB"
+    assert _stored_path(dataset, 0).endswith("val2014/COCO_val2014_000000000011.jpg")
 
 
 def test_rio_accepts_the_file_itself_and_uses_train2014_for_train(tmp_path):
     records = _rio_records()[:1]
     _make_image(tmp_path, "train2014", "COCO_train2014_000000000011.jpg")
     dataset = load_rio(_write_json(tmp_path / "my_rio.json", records), tmp_path, "train")
-    assert dataset[0]["image"].filename.endswith("train2014/COCO_train2014_000000000011.jpg")
+    assert _stored_path(dataset, 0).endswith("train2014/COCO_train2014_000000000011.jpg")
     with pytest.raises(FileNotFoundError, match="val2014/COCO_val2014_000000000011.jpg"):
         load_rio(tmp_path / "my_rio.json", tmp_path, "uncommon")
 
 
 def test_rio_stores_paths_and_encoded_masks_and_decodes_on_read(rio_dir):
     dataset = load_rio(rio_dir, rio_dir, "common")
-    stored = dataset.with_format(None).cast_column("image", ImageFeature(decode=False))  # no transform, no decoding
+    stored = dataset.with_format(None)  # no transform, no decoding
     assert isinstance(stored[0]["mask"], str)
     assert json.loads(stored[0]["mask"])["size"] == [H, W]
     assert dataset.features["mask"].dtype == "string"
@@ -324,8 +329,8 @@ def test_coco_tasks_official_format(coco_dir):
     np.testing.assert_array_equal(rows[4]["mask"], np.ones((H, W)))
     assert rows[0]["boxes"] == [[1, 1, 4, 3], [3, 4, 25, 8]] and rows[1]["boxes"] == []
     # The folder follows the file-name prefix, not the split.
-    assert rows[2]["image"].filename.endswith("train2014/COCO_train2014_000000000023.jpg")
-    assert rows[0]["image"].filename.endswith("val2014/COCO_val2014_000000000021.jpg")
+    assert _stored_path(dataset, 2).endswith("train2014/COCO_train2014_000000000023.jpg")
+    assert _stored_path(dataset, 0).endswith("val2014/COCO_val2014_000000000021.jpg")
 
 
 def test_coco_tasks_template_and_names(coco_dir):
