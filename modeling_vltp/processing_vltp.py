@@ -28,7 +28,7 @@ def load_image(path) -> Image.Image:
     """
     Opens an image file as the RGB image a person sees: the EXIF orientation is applied (so masks come out in the
     displayed orientation) and 16-bit grayscale is scaled to 8 bits (`convert("RGB")` alone would clip it to black and
-    white).
+    white). `path` is a path or a binary file object, which errors name by its `name` attribute.
 
     Raises:
         `FileNotFoundError`: no such file.
@@ -43,7 +43,7 @@ def load_image(path) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"cannot read image {path}: {reason}") from None
+        raise ValueError(f"cannot read image {getattr(path, 'name', path)}: {reason}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

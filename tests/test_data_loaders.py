@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from datasets import load_from_disk
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from modeling_vltp.data import COCO_TASKS_NAMES, decode_mask, load_coco_tasks, load_rio
+from modeling_vltp.data import COCO_TASKS_NAMES, decode_mask, decode_mask_batch, load_coco_tasks, load_rio
 
 DATA_FORMATS = Path(__file__).resolve().parents[2] / "shared" / "data-formats"
 needs_excerpts = pytest.mark.skipif(not DATA_FORMATS.is_dir(), reason="../shared/data-formats is not present")
@@ -665,3 +666,12 @@ def test_file_names_outside_the_image_folder_need_permission(coco_dir):
         load_coco_tasks(coco_dir, coco_dir, "test", tasks=[3])
     dataset = load_coco_tasks(coco_dir, coco_dir, "test", tasks=[3], allow_paths_outside_image_dir=True)
     assert _stored_path(dataset, 1) == str((coco_dir.parent / "outside.jpg").resolve())
+
+
+def test_saved_rows_with_embedded_image_bytes_still_decode(rio_dir, tmp_path):
+    """save_to_disk embeds the image files and keeps only their names: the row transform reads the bytes."""
+    load_rio(rio_dir, rio_dir, "common").with_format(None).save_to_disk(tmp_path / "saved")
+    (rio_dir / "val2014" / "COCO_val2014_000000000011.jpg").unlink()
+    saved = load_from_disk(str(tmp_path / "saved"))
+    saved.set_transform(decode_mask_batch)
+    assert saved[0]["image"].size == (W, H) and saved[0]["mask"].shape == (H, W)

@@ -10,6 +10,7 @@ an empty list is an empty (all-zero) target. The row's image is opened at the sa
 (:func:`open_image`), checked against the annotated size.
 """
 
+import io
 import json
 import math
 from numbers import Real
@@ -48,11 +49,16 @@ def record_error(source: str, error: InvalidFieldError) -> Exception:
     return (FileNotFoundError if isinstance(error, MissingFileError) else ValueError)(f"{source}: {error}")
 
 
-def open_image(path: str, height: int, width: int) -> Image.Image:
+def open_image(path: str, height: int, width: int, data: bytes | None = None) -> Image.Image:
     """The record's image as RGB (see ``load_image``), or an ``InvalidFieldError`` if it cannot be read or its size
-    is not the annotated ``height`` x ``width``."""
+    is not the annotated ``height`` x ``width``. ``data`` holds the file's bytes when a saved dataset embedded them
+    (``save_to_disk`` does; ``path`` is then only the file name)."""
+    file = path
+    if data is not None:
+        file = io.BytesIO(data)
+        file.name = path
     try:
-        image = load_image(path)
+        image = load_image(file)
     except FileNotFoundError as error:
         raise MissingFileError("image", str(error)) from None
     except ValueError as error:
@@ -194,7 +200,7 @@ def decode_mask_batch(batch: dict) -> dict:
         images = []
         for image, height, width, source in zip(batch["image"], batch["height"], batch["width"], batch["record"]):
             try:
-                images.append(open_image(image["path"], height, width))
+                images.append(open_image(image["path"], height, width, image["bytes"]))
             except InvalidFieldError as error:
                 raise record_error(source, error) from None
         batch["image"] = images
