@@ -43,7 +43,12 @@ def load_image(path) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"cannot read image {getattr(path, 'name', path)}: {reason}") from None
+        name = path if _is_path(path) else getattr(path, "name", path)
+        raise ValueError(f"cannot read image {name}: {reason}") from None
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) or hasattr(value, "__fspath__")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
