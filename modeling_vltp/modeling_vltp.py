@@ -235,23 +235,31 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         pixel_values: torch.Tensor,
         guidance_embeds: torch.Tensor | None = None,
         prune_rates: list[float] | tuple[float, ...] | None = None,
+        image_indices: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> VLTPVisionOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
             Images as SAM's image processor prepares them (longest side resized, normalised, padded).
-        guidance_embeds (`torch.FloatTensor` of shape `(batch_size, guidance_dim)`, *optional*):
+        guidance_embeds (`torch.FloatTensor` of shape `(num_guidances, guidance_dim)`, *optional*):
             The vision-language guidance (the projected `[SEG]` hidden state). Without it nothing is pruned.
         prune_rates (`list[float]`, *optional*):
             One rate in [0, 1) per stage, overriding `config.prune_rates` for this call (the paper's zero-shot rate
             changes, Table 4).
+        image_indices (`torch.LongTensor` of shape `(num_guidances,)`, *optional*):
+            The image of `pixel_values` each guidance belongs to, for several guidances (tasks) per image. The patch
+            embedding and the dense layers before the first pruning stage do not depend on the guidance: they run once
+            per image, and their output is then repeated for each of its guidances (`index_select`); the pruned stages
+            and the neck run once per guidance, so every output has one row per guidance. Without it guidance `s`
+            belongs to image `s` (`num_guidances == batch_size`). Hidden states and attentions of the layers before
+            the first stage have one row per image.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        prune_rates = self._check_inputs(pixel_values, guidance_embeds, prune_rates)
+        prune_rates = self._check_inputs(pixel_values, guidance_embeds, prune_rates, image_indices)
 
         encoder = self.vision_encoder
         hidden_states = encoder.patch_embed(pixel_values)
@@ -268,6 +276,8 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
             if stage == 0:
                 hidden_states, all_hidden_states = self._run_dense(layers, hidden_states, all_hidden_states)
                 continue
+            if stage == 1 and image_indices is not None:
+                hidden_states = hidden_states.index_select(0, image_indices)  # the prefix, once per guidance
             scores = self.prune_decoder(hidden_states, guidance_embeds)
             kept, probs = select_tokens(
                 scores, self.num_kept_tokens(prune_rates[stage - 1]), self.config.prune_temperature
@@ -283,6 +293,8 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
                     layers, hidden_states, self._kept_tokens(kept, hidden_states.dtype), gate, all_hidden_states
                 )
 
+        if not pruning and image_indices is not None:
+            hidden_states = hidden_states.index_select(0, image_indices)
         last_hidden_state = encoder.neck(hidden_states)
         output = VLTPVisionOutput(
             last_hidden_state=last_hidden_state,
@@ -293,7 +305,7 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _check_inputs(self, pixel_values, guidance_embeds, prune_rates) -> list[float]:
+    def _check_inputs(self, pixel_values, guidance_embeds, prune_rates, image_indices) -> list[float]:
         config = self.config
         expected = (config.num_channels, config.image_size, config.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -302,12 +314,32 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
                 f"processor prepares them (resized to longest side {config.image_size}, padded), got "
                 f"{tuple(pixel_values.shape)}."
             )
+        num_images = pixel_values.shape[0]
+        if image_indices is not None:
+            if guidance_embeds is None:
+                raise ValueError("image_indices maps guidances to images, so it needs guidance_embeds.")
+            if image_indices.dim() != 1 or image_indices.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"image_indices must be a 1-D integer tensor (one image index per guidance), got dtype "
+                    f"{image_indices.dtype} and shape {tuple(image_indices.shape)}."
+                )
+            # Reading the values synchronises with the device, and a compiled graph cannot branch on them.
+            if not torch.compiler.is_compiling() and image_indices.numel():
+                low, high = image_indices.min().item(), image_indices.max().item()
+                if low < 0 or high >= num_images:
+                    raise ValueError(
+                        f"image_indices must be in [0, {num_images - 1}] (one of the {num_images} images of "
+                        f"pixel_values), got values from {low} to {high}."
+                    )
         if guidance_embeds is not None:
-            expected_guidance = (pixel_values.shape[0], config.guidance_dim)
+            if image_indices is None:
+                expected_guidance, rows = (num_images, config.guidance_dim), "one guidance per image"
+            else:
+                expected_guidance, rows = (image_indices.shape[0], config.guidance_dim), "one per image index"
             if tuple(guidance_embeds.shape) != expected_guidance:
                 raise ValueError(
-                    f"guidance_embeds must have shape (batch_size, guidance_dim) = {expected_guidance}, one guidance "
-                    f"per image, got {tuple(guidance_embeds.shape)}."
+                    f"guidance_embeds must have shape (num_guidances, guidance_dim) = {expected_guidance}, {rows}, "
+                    f"got {tuple(guidance_embeds.shape)}."
                 )
         if prune_rates is None:
             return list(config.prune_rates)
@@ -588,11 +620,15 @@ class _VLTPSamSide:
         return encoding[None].expand(batch_size, -1, -1, -1)
 
     def decode_masks(
-        self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None
+        self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None, image_indices=None
     ) -> tuple[torch.Tensor, torch.Tensor, VLTPVisionOutput]:
         """One mask per guidance: the pruned ViT guided by `seg_embeds` (S, d), then SAM's mask decoder prompted by
-        them. Returns low-resolution mask logits (S, h, w), predicted IoUs (S,) and the vision output."""
-        vision = self.vision_model(sam_pixel_values, guidance_embeds=seg_embeds, prune_rates=prune_rates)
+        them. `image_indices` (S,) names the image of `sam_pixel_values` each guidance belongs to (the ViT's dense
+        prefix then runs once per image); without it there is one image per guidance. Returns low-resolution mask
+        logits (S, h, w), predicted IoUs (S,) and the vision output."""
+        vision = self.vision_model(
+            sam_pixel_values, guidance_embeds=seg_embeds, prune_rates=prune_rates, image_indices=image_indices
+        )
         image_embeddings = vision.last_hidden_state
         num_masks = image_embeddings.shape[0]
         _, dense_embeddings = self.prompt_encoder(None, None, None, None)
