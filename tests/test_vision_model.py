@@ -337,6 +337,13 @@ def test_bad_image_indices_raise_clear_errors(guidances, indices, message):
         model(pixel_values, guidance_embeds=guidance, image_indices=indices)
 
 
+def test_all_zero_rates_without_guidance_run_the_dense_encoder():
+    model = tiny_model()
+    pixel_values, _ = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values, prune_rates=[0.0, 0.0])[0], model(pixel_values)[0])
+
+
 def test_forward_rates_override_the_config():
     model = tiny_model()
     pixel_values, guidance = inputs(batch_size=1)
@@ -419,11 +426,17 @@ def test_pruning_loss_trains_the_prune_decoder_towards_the_target():
         ((2, 3, 160, 160), (2, GUIDANCE_DIM), [0.5, 1.0], r"prune_rates must each be in \[0, 1\)"),
         ((2, 3, 160, 160), (2, GUIDANCE_DIM), [-0.1, 0.5], r"prune_rates must each be in \[0, 1\)"),
         ((2, 3, 160, 160), (2, GUIDANCE_DIM), [0.5], "one rate per pruning stage"),
+        ((2, 3, 160, 160), None, [0.5, 0.5], "prune_rates .* were given without guidance_embeds"),
+        ((2, 3, 160, 160), "nan", None, "guidance_embeds holds NaN or infinite values"),
+        ((2, 3, 160, 160), "inf", None, "guidance_embeds holds NaN or infinite values"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pixel_shape, guidance_shape, rates, message):
     model = tiny_model()
-    guidance = torch.zeros(guidance_shape) if guidance_shape else None
+    if isinstance(guidance_shape, str):  # one non-finite value in a guidance of the right shape
+        guidance = torch.zeros(2, GUIDANCE_DIM).index_fill_(1, torch.tensor([3]), float(guidance_shape))
+    else:
+        guidance = torch.zeros(guidance_shape) if guidance_shape else None
     with pytest.raises(ValueError, match=message):
         model(torch.zeros(pixel_shape), guidance_embeds=guidance, prune_rates=rates)
 
@@ -437,6 +450,11 @@ def test_bad_inputs_raise_clear_errors(pixel_shape, guidance_shape, rates, messa
         (dict(prune_layers=[2, 6]), r"prune_layers must be 1-based layer numbers in \[1, 5\]"),
         (dict(prune_rates=[0.5, 1.0]), r"prune_rates must each be in \[0, 1\)"),
         (dict(prune_rates=[0.5]), "prune_rates must give one rate per pruning stage"),
+        (dict(prune_decoder_num_attention_heads=0), "prune_decoder_num_attention_heads must be a positive integer"),
+        (dict(prune_decoder_num_attention_heads=3), r"prune_decoder_num_attention_heads \(3\) must divide"),
+        (dict(prune_decoder_num_attention_heads=16), r"cross-attention width .* \(8\)"),
+        (dict(prune_decoder_mlp_dim=-1), "prune_decoder_mlp_dim must be a positive integer"),
+        (dict(guidance_dim=0), "guidance_dim must be a positive integer"),
     ],
 )
 def test_config_validation_names_the_field(fields, message):
