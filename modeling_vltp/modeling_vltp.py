@@ -697,11 +697,13 @@ class _VLTPSamSide:
             return super().get_expanded_tied_weights_keys(all_submodels=True)
         return dict(self._tied_weights_keys)
 
-    def image_positional_embeddings(self, batch_size: int) -> torch.Tensor:
-        """SAM's dense positional encoding of the image-embedding grid, (B, d, grid, grid)."""
+    def image_positional_embeddings(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """SAM's dense positional encoding of the image-embedding grid, (B, d, grid, grid), on the device of
+        `image_embeddings` (not read from the parameter, which offloading keeps on the meta device until
+        `shared_image_embedding`'s own `forward` loads it)."""
         size = self.config.prompt_encoder_config.image_embedding_size
-        weight = self.shared_image_embedding.positional_embedding
-        centers = (torch.arange(size, device=weight.device, dtype=weight.dtype) + 0.5) / size
+        batch_size = image_embeddings.shape[0]
+        centers = (torch.arange(size, device=image_embeddings.device, dtype=torch.float32) + 0.5) / size
         y, x = torch.meshgrid(centers, centers, indexing="ij")
         encoding = self.shared_image_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
         return encoding[None].expand(batch_size, -1, -1, -1)
@@ -721,7 +723,7 @@ class _VLTPSamSide:
         _, dense_embeddings = self.prompt_encoder(None, None, None, None)
         masks, iou_scores = self.mask_decoder(
             image_embeddings=image_embeddings,
-            image_positional_embeddings=self.image_positional_embeddings(num_masks).to(image_embeddings.dtype),
+            image_positional_embeddings=self.image_positional_embeddings(image_embeddings).to(image_embeddings.dtype),
             sparse_prompt_embeddings=seg_embeds[:, None, None, :].to(image_embeddings.dtype),
             dense_prompt_embeddings=dense_embeddings.to(image_embeddings.dtype).expand(num_masks, -1, -1, -1),
             multimask_output=False,
