@@ -1,7 +1,7 @@
 """convert_sam: transformers' and Meta's SAM checkpoints to VLTP's starting point, checked against transformers' SAM
-and
-Meta's segment_anything, and the inputs it must refuse without leaving output behind."""
+and Meta's segment_anything, and the inputs it must refuse without leaving output behind."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -20,7 +20,6 @@ from modeling_vltp.conversion import (
     check_inputs,
     convert_sam,
     hf_sam_outputs,
-    import_segment_anything_modeling,
     original_to_hf_key,
     relative_error,
     sam_config_for_variant,
@@ -49,14 +48,29 @@ def tiny_sam_config() -> SamConfig:
     )
 
 
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values for every parameter and buffer (SAM zero-initialises its relative positions)."""
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Random values for every parameter and buffer, LayerNorms included (SAM zero-initialises its relative
+    positions)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
     return module.eval()
+
+
+# Every weight of a Meta SAM source drawn with this std, LayerNorms included: activations then stay small enough for
+# the LayerNorm eps to matter, as in a real checkpoint (with std 0.2 a wrong eps hides below float32 rounding).
+META_SAM_STD = 0.02
+
+
+def with_layer_norm_eps(sam: SamModel, eps: float) -> SamModel:
+    """A copy of `sam` whose mask decoder's two-way transformer uses LayerNorm `eps`."""
+    config = copy.deepcopy(sam.config)
+    config.mask_decoder_config.layer_norm_eps = eps
+    other = SamModel(config).eval()
+    other.load_state_dict(sam.state_dict())
+    return other
 
 
 @pytest.fixture
@@ -68,16 +82,9 @@ def hf_checkpoint(tmp_path) -> tuple[Path, SamModel]:
 
 
 @pytest.fixture
-def segment_anything():
-    modeling = import_segment_anything_modeling()
-    if modeling is None:
-        pytest.skip("segment-anything is not installed (pip install segment-anything)")
-    return modeling
-
-
-@pytest.fixture
 def original_checkpoint(tmp_path, segment_anything) -> tuple[Path, torch.nn.Module]:
-    sam = randomize(build_segment_anything(segment_anything, tiny_sam_config()))
+    # Seed 1: with these weights transformers' default eps would miss Meta's masks by 6e-5 (checked in the test).
+    sam = randomize(build_segment_anything(segment_anything, tiny_sam_config()), seed=1, std=META_SAM_STD)
     path = tmp_path / "sam_tiny.pth"
     torch.save(sam.state_dict(), path)
     return path, sam
@@ -141,12 +148,21 @@ def test_convert_original_checkpoint_matches_segment_anything(tmp_path, original
     decoder = SamModel.from_pretrained(output_dir / PROMPT_MASK_DECODER_FOLDER).eval()
     assert vision.config.prune_layers == []  # the paper's plan needs three global layers; this encoder has two
 
+    # Meta's two-way transformer has nn.LayerNorm's eps; the rest of SAM has 1e-6 in both libraries.
+    assert decoder.config.mask_decoder_config.layer_norm_eps == 1e-5
+    assert vision.config.layer_norm_eps == decoder.config.prompt_encoder_config.layer_norm_eps == 1e-6
+
     pixel_values, point = check_inputs(tiny_sam_config())
     expected_embeddings, expected_masks, expected_iou = segment_anything_outputs(meta_sam, pixel_values, point)
     _, masks, iou = hf_sam_outputs(decoder, pixel_values, point, image_embeddings=expected_embeddings)
-    # Meta's attention code rounds differently from transformers' in float32; a wrongly mapped weight is off by O(1).
-    assert_close(masks, expected_masks, tolerance=1e-4)
-    assert_close(iou, expected_iou, tolerance=1e-4)
+    # Meta's attention code rounds differently from transformers' in float32 (4e-7 here, a few float32 ulps through
+    # two layers); 1e-5 is the conversion's own check. A wrong eps misses by more, as transformers' 1e-6 shows:
+    assert_close(masks, expected_masks, tolerance=1e-5)
+    assert_close(iou, expected_iou, tolerance=1e-5)
+    _, wrong_eps_masks, _ = hf_sam_outputs(
+        with_layer_norm_eps(decoder, 1e-6), pixel_values, point, image_embeddings=expected_embeddings
+    )
+    assert relative_error(wrong_eps_masks, expected_masks) > 1e-5
     # In float64 the image encoders agree to rounding (Meta's prompt encoder only runs in float32).
     with torch.no_grad():
         expected = meta_sam.image_encoder.double()(pixel_values.double())

@@ -13,7 +13,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_conversion import leftovers, randomize, tiny_sam_config
+from test_conversion import META_SAM_STD, leftovers, randomize, tiny_sam_config, with_layer_norm_eps
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessorPil,
@@ -40,7 +40,6 @@ from modeling_vltp.conversion import (
     convert_sam,
     convert_vltp,
     hf_sam_outputs,
-    import_segment_anything_modeling,
     relative_error,
     segment_anything_outputs,
 )
@@ -181,13 +180,14 @@ def test_convert_vltp_from_llava_and_hf_sam(tmp_path, llava_checkpoint, sam_chec
 # -- convert_lisa ---------------------------------------------------------------------------------------------------
 
 
-def randomize_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values for the saved weights only (the rotary frequencies of LLaMA are computed, not saved)."""
+def randomize_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Random values for the saved weights only, LayerNorms included (the rotary frequencies of LLaMA are computed,
+    not saved)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in module.state_dict().values():
             if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
     return module.eval()
 
 
@@ -228,7 +228,8 @@ class TinyLisa:
             ),
             seed=2,
         )
-        self.sam = randomize_weights(build_segment_anything(segment_anything, tiny_sam_config()), seed=3)
+        # Seed 0: with these weights transformers' default LayerNorm eps would miss Meta's masks by 4e-5.
+        self.sam = randomize_weights(build_segment_anything(segment_anything, tiny_sam_config()), std=META_SAM_STD)
         self.projector = randomize_weights(torch.nn.Linear(32, 64), seed=4)
         self.text_hidden_fcs = randomize_weights(
             torch.nn.Sequential(
@@ -273,14 +274,6 @@ class TinyLisa:
             torch.save({key: weights[key].contiguous() for key in shard_keys}, self.folder / name)
         weight_map = {key: name for name, shard_keys in shards.items() for key in shard_keys}
         (self.folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-
-
-@pytest.fixture
-def segment_anything():
-    modeling = import_segment_anything_modeling()
-    if modeling is None:
-        pytest.skip("segment-anything is not installed (pip install segment-anything)")
-    return modeling
 
 
 @pytest.fixture
@@ -333,19 +326,28 @@ def test_convert_lisa_matches_llama_clip_and_segment_anything(tmp_path, lisa):
         torch.testing.assert_close(model.text_hidden_fcs(hidden), lisa.text_hidden_fcs(hidden), rtol=0, atol=0)
 
     # SAM: Meta's segment_anything. Its image encoder agrees in float64 to rounding; its prompt encoder only runs in
-    # float32, where Meta's attention code rounds differently from transformers' (a wrong weight is off by O(1)).
+    # float32, where Meta's attention code rounds differently from transformers' (4e-7 here, a few float32 ulps
+    # through two layers; 1e-5 is the conversion's own check). Meta's two-way transformer has nn.LayerNorm's eps.
+    assert config.mask_decoder_config.layer_norm_eps == 1e-5 and config.vision_config.layer_norm_eps == 1e-6
     pixel_values, point = check_inputs(tiny_sam_config())
     expected_embeddings, expected_masks, expected_iou = segment_anything_outputs(lisa.sam, pixel_values, point)
     with torch.no_grad():
         embeddings = model.double().vision_model(pixel_values.double()).last_hidden_state
         reference = lisa.sam.double().image_encoder(pixel_values.double())
     assert relative_error(embeddings, reference) < 1e-12
-    decoder = SamModel(tiny_sam_config()).eval()
+    decoder_config = tiny_sam_config()
+    decoder_config.mask_decoder_config = config.mask_decoder_config
+    decoder = SamModel(decoder_config).eval()
     decoder.load_state_dict(
         {k: v for k, v in model.float().state_dict().items() if k.startswith(SAM_PARTS)}, strict=False
     )
     _, masks, iou = hf_sam_outputs(decoder, pixel_values, point, image_embeddings=expected_embeddings)
-    assert relative_error(masks, expected_masks) < 1e-4 and relative_error(iou, expected_iou) < 1e-4
+    assert relative_error(masks, expected_masks) <= 1e-5 and relative_error(iou, expected_iou) <= 1e-5
+    # A wrong eps misses by more than that, as transformers' default 1e-6 shows with these weights.
+    _, wrong_eps_masks, _ = hf_sam_outputs(
+        with_layer_norm_eps(decoder, 1e-6), pixel_values, point, image_embeddings=expected_embeddings
+    )
+    assert relative_error(wrong_eps_masks, expected_masks) > 1e-5
 
 
 # -- convert_sam's output as the SAM side, and the command lines ----------------------------------------------------
