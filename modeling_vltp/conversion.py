@@ -51,7 +51,7 @@ from transformers import (
 from transformers.utils import logging
 
 from .configuration_vltp import SAM_VISION_PRESETS, VLTPConfig, VLTPVisionConfig
-from .hub import MAX_SHARD_SIZE, HubError, hub_errors, register_auto_classes
+from .hub import MAX_SHARD_SIZE, HubError, hub_errors
 from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel
 from .processing_vltp import IMAGE_TOKEN, SEG_TOKEN, VLTPProcessor, add_vltp_special_tokens
 
@@ -560,7 +560,6 @@ def convert_sam(
     vision = vltp_vision_model_from_sam(sam, prune_layers, prune_rates)
 
     with staged_output(output_dir) as staging:
-        register_auto_classes(vision)  # the checkpoint also loads with trust_remote_code, without this package
         vision.save_pretrained(staging)
         save_prompt_mask_decoder(sam, staging / PROMPT_MASK_DECODER_FOLDER)
         del vision, sam
@@ -711,8 +710,6 @@ def _write_vltp(
             num_embeddings = model.get_input_embeddings().num_embeddings
             if len(processor.tokenizer) > num_embeddings:
                 model.resize_token_embeddings(len(processor.tokenizer))
-            register_auto_classes(model)  # the checkpoint also loads with trust_remote_code, without this package
-            register_auto_classes(processor)
             model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE)
             processor.save_pretrained(staging)
             del model

@@ -256,33 +256,64 @@ def assert_equal_nested(actual, expected, tolerance: float = 0.0):
         assert actual == expected
 
 
+def share_the_plain_way(model, processor, local_dir: Path, repo_id: str):
+    """What every transformers user does: `save_pretrained` into a folder and `push_to_hub`, nothing else."""
+    model.save_pretrained(local_dir)
+    processor.save_pretrained(local_dir)
+    model.push_to_hub(repo_id)
+    processor.push_to_hub(repo_id)
+
+
 def test_remote_code_without_the_package_from_a_folder_and_from_the_hub(tmp_path, hub):
     model, processor = tiny_model(), tiny_processor(sam_image_size=160)
-    push_to_hub_with_card(model, REPO_ID)
-    push_to_hub_with_card(processor, REPO_ID)
-    local_dir = tmp_path / "local"
-    model.save_pretrained(local_dir)  # the classes are registered for the Auto classes by the push
-    assert json.loads((local_dir / "config.json").read_text())["auto_map"]["AutoModel"] == (
-        "modeling_vltp.VLTPSamVisionModel"
-    )
+    share_the_plain_way(model, processor, tmp_path / "local", REPO_ID)
+    assert json.loads((tmp_path / "local" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_vltp.VLTPVisionConfig",
+        "AutoModel": "modeling_vltp.VLTPSamVisionModel",
+    }
     pixel_values, guidance = model_inputs()
     calls = [{"pixel_values": pixel_values}, {"pixel_values": pixel_values, "guidance_embeds": guidance}]
-    run_remote_code(tmp_path, model, processor, [str(local_dir), REPO_ID], calls)
+    run_remote_code(tmp_path, model, processor, [str(tmp_path / "local"), REPO_ID], calls)
 
 
 def test_remote_code_of_the_full_model_and_processor(tmp_path, hub):
     model, processor = tiny_model_and_processor()
-    push_to_hub_with_card(model, FULL_REPO_ID)
-    push_to_hub_with_card(processor, FULL_REPO_ID)
+    share_the_plain_way(model, processor, tmp_path / "local", FULL_REPO_ID)
     config = json.loads(Path(HfApi().hf_hub_download(FULL_REPO_ID, "config.json")).read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_vltp.VLTPConfig",
         "AutoModel": "modeling_vltp.VLTPForTaskSegmentation",
     }
+    processor_config = json.loads(Path(HfApi().hf_hub_download(FULL_REPO_ID, "processor_config.json")).read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_vltp.VLTPProcessor"}
     image = np.arange(40 * 56 * 3, dtype=np.uint8).reshape(40, 56, 3)
     batch = processor([image, image[::-1].copy()], ["open the bottle of beer", "cut the food"], answers="Sure, [SEG].")
     calls = [{key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "sam_pixel_values")}]
-    run_remote_code(tmp_path, model, processor, [FULL_REPO_ID], calls)
+    run_remote_code(tmp_path, model, processor, [str(tmp_path / "local"), FULL_REPO_ID], calls)
+
+
+def test_save_without_remote_code_writes_no_auto_map_and_no_code(tmp_path):
+    model, processor = tiny_model_and_processor()
+    model.save_pretrained(tmp_path / "with")  # an auto_map in memory too, from this save
+    processor.save_pretrained(tmp_path / "with")
+    model.save_pretrained(tmp_path / "plain", remote_code=False)
+    processor.save_pretrained(tmp_path / "plain", remote_code=False)
+    files = sorted(path.name for path in (tmp_path / "plain").iterdir())
+    assert files == [
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert "auto_map" not in (tmp_path / "plain" / "config.json").read_text()
+    assert "auto_map" not in (tmp_path / "plain" / "processor_config.json").read_text()
+    assert "auto_map" not in (tmp_path / "plain" / "tokenizer_config.json").read_text()
+    # The classes stay registered: the next plain save writes the code again.
+    model.save_pretrained(tmp_path / "again")
+    assert {"configuration_vltp.py", "modeling_vltp.py"} <= {path.name for path in (tmp_path / "again").iterdir()}
+    reloaded = VLTPForTaskSegmentation.from_pretrained(tmp_path / "plain")
+    assert reloaded.state_dict().keys() == model.state_dict().keys()
 
 
 # -- LoRA adapters on the Hub ---------------------------------------------------------------------------------------
