@@ -358,7 +358,6 @@ def push_to_hub_with_card(
 
 
 __all__ = [
-    "MAX_SHARD_SIZE",
     "HubError",
     "adapter_card",
     "encoder_gmacs",

@@ -13,6 +13,7 @@ from pathlib import Path
 import huggingface_hub
 import huggingface_hub.hf_api
 import pytest
+import torch
 import transformers.utils.hub
 from hub_server import HubServer, User
 from huggingface_hub import constants
@@ -51,6 +52,16 @@ def segment_anything():
     if modeling is None:
         pytest.skip("segment-anything is not installed (pip install segment-anything)")
     return modeling
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: the tiny models are fastest on one thread, and more threads on a shared
+    machine slow them down many times. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def free_port() -> int:

@@ -16,8 +16,8 @@ from transformers import SamConfig, SamModel
 from modeling_vltp import VLTPSamVisionModel
 from modeling_vltp.conversion import (
     PROMPT_MASK_DECODER_FOLDER,
+    build_check_inputs,
     build_segment_anything,
-    check_inputs,
     convert_sam,
     hf_sam_outputs,
     original_to_hf_key,
@@ -136,7 +136,7 @@ def test_convert_hf_checkpoint(tmp_path, hf_checkpoint):
     }
     assert leftovers(tmp_path) == []
 
-    pixel_values, point = check_inputs(source.config)
+    pixel_values, point = build_check_inputs(source.config)
     expected_embeddings, expected_masks, expected_iou = hf_sam_outputs(source, pixel_values, point)
     vision = VLTPSamVisionModel.from_pretrained(output_dir).eval()
     with torch.no_grad():  # VLTP's encoder against SamVisionEncoder, another SamModel: two code paths
@@ -160,7 +160,7 @@ def test_convert_original_checkpoint_matches_segment_anything(tmp_path, original
     assert decoder.config.mask_decoder_config.layer_norm_eps == 1e-5
     assert vision.config.layer_norm_eps == decoder.config.prompt_encoder_config.layer_norm_eps == 1e-6
 
-    pixel_values, point = check_inputs(tiny_sam_config())
+    pixel_values, point = build_check_inputs(tiny_sam_config())
     expected_embeddings, expected_masks, expected_iou = segment_anything_outputs(meta_sam, pixel_values, point)
     _, masks, iou = hf_sam_outputs(decoder, pixel_values, point, image_embeddings=expected_embeddings)
     # Meta's attention code rounds differently from transformers' in float32 (4e-7 here, a few float32 ulps through

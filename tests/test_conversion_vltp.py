@@ -39,10 +39,9 @@ from transformers import (
 from modeling_vltp import VLTPConfig, VLTPForTaskSegmentation, VLTPProcessor, VLTPSamVisionModel
 from modeling_vltp.conversion import (
     LISA_SYSTEM_PROMPT,
-    MAX_SHARD_SIZE,
+    build_check_inputs,
     build_segment_anything,
     check_image,
-    check_inputs,
     convert_lisa,
     convert_sam,
     convert_vltp,
@@ -50,6 +49,7 @@ from modeling_vltp.conversion import (
     relative_error,
     segment_anything_outputs,
 )
+from modeling_vltp.modeling_vltp import MAX_SHARD_SIZE
 from modeling_vltp.testing import tiny_model_and_processor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_convert_vltp_from_llava_and_hf_sam(tmp_path, llava_checkpoint, sam_chec
 
     # SAM: the image encoder without guidance and the mask decoder for one point, as transformers' SamModel (VLTP's
     # encoder is another code path: float32 rounding apart).
-    pixel_values, point = check_inputs(source_sam.config)
+    pixel_values, point = build_check_inputs(source_sam.config)
     expected_embeddings, expected_masks, expected_iou = hf_sam_outputs(source_sam, pixel_values, point)
     with torch.no_grad():
         assert_close(model.vision_model(pixel_values).last_hidden_state, expected_embeddings)
@@ -332,7 +332,7 @@ def test_convert_lisa_matches_llama_clip_and_segment_anything(tmp_path, lisa):
     # float32, where Meta's attention code rounds differently from transformers' (4e-7 here, a few float32 ulps
     # through two layers; 1e-5 is the conversion's own check). Meta's two-way transformer has nn.LayerNorm's eps.
     assert config.mask_decoder_config.layer_norm_eps == 1e-5 and config.vision_config.layer_norm_eps == 1e-6
-    pixel_values, point = check_inputs(tiny_sam_config())
+    pixel_values, point = build_check_inputs(tiny_sam_config())
     expected_embeddings, expected_masks, expected_iou = segment_anything_outputs(lisa.sam, pixel_values, point)
     with torch.no_grad():
         embeddings = model.double().vision_model(pixel_values.double()).last_hidden_state
