@@ -12,10 +12,8 @@ segment_anything when installed) before OUT is written; a refused or failed conv
 import argparse
 import sys
 
-from convert_sam import comma_separated, run_conversion
-from convert_vltp import DTYPES
-
 from modeling_vltp.conversion import SAM_VARIANTS, convert_lisa
+from modeling_vltp.conversion.cli import DTYPES, comma_separated, run_conversion
 
 
 def main(argv=None) -> int:

@@ -13,25 +13,7 @@ import argparse
 import sys
 
 from modeling_vltp.conversion import SAM_VARIANTS, convert_sam
-from modeling_vltp.hub import HubError
-
-
-def comma_separated(cast):
-    def parse(text: str) -> list:
-        return [cast(item) for item in text.split(",") if item.strip()]
-
-    return parse
-
-
-def run_conversion(convert, *args, description: str, **kwargs) -> int:
-    """Run `convert(*args, **kwargs)`, print where the result went, or its refusal in one line; the exit status."""
-    try:
-        output_dir = convert(*args, **kwargs)
-    except (FileNotFoundError, FileExistsError, ValueError, HubError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Converted {description} to {output_dir}")
-    return 0
+from modeling_vltp.conversion.cli import comma_separated, run_conversion
 
 
 def main(argv=None) -> int:

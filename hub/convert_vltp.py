@@ -11,12 +11,8 @@ both sources before OUT is written; a refused or failed conversion leaves no OUT
 import argparse
 import sys
 
-import torch
-from convert_sam import comma_separated, run_conversion
-
 from modeling_vltp.conversion import convert_vltp
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from modeling_vltp.conversion.cli import DTYPES, comma_separated, run_conversion
 
 
 def main(argv=None) -> int:

@@ -32,6 +32,14 @@ AutoModel.register(VLTPVisionConfig, VLTPSamVisionModel, exist_ok=True)
 AutoConfig.register(VLTPConfig.model_type, VLTPConfig, exist_ok=True)
 AutoModel.register(VLTPConfig, VLTPForTaskSegmentation, exist_ok=True)
 AutoProcessor.register(VLTPConfig, VLTPProcessor, exist_ok=True)
+# As transformers does for classes loaded with trust_remote_code: every save_pretrained / push_to_hub then writes an
+# `auto_map` and copies the model files, so that what users share loads without this package (opt out with
+# `save_pretrained(..., remote_code=False)`).
+for _config_class in (VLTPVisionConfig, VLTPConfig):
+    _config_class.register_for_auto_class("AutoConfig")
+for _model_class in (VLTPSamVisionModel, VLTPForTaskSegmentation):
+    _model_class.register_for_auto_class("AutoModel")
+VLTPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "DEFAULT_ANSWER",

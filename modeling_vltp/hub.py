@@ -245,8 +245,8 @@ def register_auto_classes(model_or_processor):
     """
     Register the object's classes for the Auto classes (config → AutoConfig, model → AutoModel, processor →
     AutoProcessor), so that `save_pretrained` writes an `auto_map` and copies the model files next to the weights, for
-    `trust_remote_code=True` loading. Like transformers' `register_for_auto_class`, this holds for every later save of
-    those classes in this process.
+    `trust_remote_code=True` loading. `import modeling_vltp` does this for the package's own classes; this is for
+    subclasses of them. Like transformers' `register_for_auto_class`, it holds for every later save in this process.
     """
     if isinstance(model_or_processor, PreTrainedModel):
         type(model_or_processor.config).register_for_auto_class("AutoConfig")
@@ -331,10 +331,6 @@ def push_to_hub_with_card(
     `metrics_dataset`, `license`); an adapter likewise from [`adapter_card`] (`base_model`, `license`). A processor
     gets one only when `card` is given, so that pushing it next to a model keeps the model's card.
 
-    Registers a model's or processor's classes with the Auto classes (config → AutoConfig, model → AutoModel,
-    processor → AutoProcessor); from then on every `save_pretrained` of those classes writes an `auto_map` too, as
-    transformers intends.
-
     Raises:
         HubError: offline, endpoint unreachable, missing repository, permission denied, other HTTP errors; the
             one-line message names the repository.
@@ -343,7 +339,6 @@ def push_to_hub_with_card(
     if isinstance(obj, PeftModel):
         card = card or adapter_card(obj, repo_id, **card_kwargs)
     else:
-        register_auto_classes(obj)
         if isinstance(obj, PreTrainedModel):
             card = card or model_card(obj, repo_id, **card_kwargs)
             save_kwargs["max_shard_size"] = MAX_SHARD_SIZE
@@ -363,7 +358,6 @@ def push_to_hub_with_card(
 
 
 __all__ = [
-    "MAX_SHARD_SIZE",
     "HubError",
     "adapter_card",
     "encoder_gmacs",

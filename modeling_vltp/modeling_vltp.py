@@ -19,6 +19,7 @@ How pruning runs inside SAM's ViT (paper Sec. 4.2-4.4):
 - After the last layer every token is merged back into the grid and SAM's neck runs on the full grid.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +173,29 @@ class _KeptTokens:
 MAX_SHARD_SIZE = "5GB"
 
 
+@contextlib.contextmanager
+def without_remote_code(*objects):
+    """Within the block, saving `objects` (a model and its config, or a processor and its image processors) writes
+    neither an `auto_map` nor the model files, although their classes are registered for the Auto classes: the classes
+    are unregistered and the objects' `auto_map` (from an earlier save or load) hidden. Not thread-safe."""
+    classes = {type(obj) for obj in objects}
+    registered = {cls: cls.__dict__["_auto_class"] for cls in classes if "_auto_class" in cls.__dict__}
+    auto_maps = {id(obj): obj.__dict__.pop("auto_map") for obj in objects if "auto_map" in obj.__dict__}
+    for cls in classes:
+        cls._auto_class = None
+    try:
+        yield
+    finally:
+        for cls in classes:
+            if cls in registered:
+                cls._auto_class = registered[cls]
+            else:
+                del cls._auto_class
+        for obj in objects:
+            if id(obj) in auto_maps:
+                obj.auto_map = auto_maps[id(obj)]
+
+
 class VLTPPreTrainedModel(PreTrainedModel):
     config: VLTPVisionConfig
     config_class = VLTPVisionConfig
@@ -182,9 +206,17 @@ class VLTPPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
-    def save_pretrained(self, save_directory, *args, max_shard_size: int | str = MAX_SHARD_SIZE, **kwargs):
-        """`PreTrainedModel.save_pretrained` (safetensors), sharded at `MAX_SHARD_SIZE` unless told otherwise."""
-        return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+    def save_pretrained(
+        self, save_directory, *args, max_shard_size: int | str = MAX_SHARD_SIZE, remote_code: bool = True, **kwargs
+    ):
+        """`PreTrainedModel.save_pretrained` (safetensors), sharded at `MAX_SHARD_SIZE` unless told otherwise. The
+        package registers its classes for the Auto classes, so the folder (or the pushed repository) gets an
+        `auto_map` and the model files and loads with `trust_remote_code=True` without this package; with
+        `remote_code=False` it gets neither."""
+        if remote_code:
+            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        with without_remote_code(self, self.config):
+            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)

@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageOps
 from transformers import AddedToken, BatchFeature, ProcessorMixin
 
+from .modeling_vltp import without_remote_code
+
 SEG_TOKEN = "[SEG]"
 IMAGE_TOKEN = "<image>"
 
@@ -194,6 +196,16 @@ class VLTPProcessor(ProcessorMixin):
                 f"{name} holds {SEG_TOKEN} {text.count(SEG_TOKEN)} times; it needs exactly {num_seg_tokens}. "
                 f"Text: {text!r:.200}"
             )
+
+    def save_pretrained(self, save_directory, *args, remote_code: bool = True, **kwargs):
+        """`ProcessorMixin.save_pretrained`. The package registers `VLTPProcessor` for `AutoProcessor`, so the folder
+        (or the pushed repository) gets an `auto_map` and the processor files and loads with
+        `trust_remote_code=True` without this package; with `remote_code=False` it gets neither."""
+        if remote_code:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        sub_processors = [getattr(self, name) for name in self.get_attributes() if name != "tokenizer"]
+        with without_remote_code(self, *sub_processors):
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     def build_prompt(self, task: str) -> str:
         """The chat prompt for one task, with a single `<image>` placeholder (expanded only when tokenising)."""

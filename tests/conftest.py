@@ -13,9 +13,12 @@ from pathlib import Path
 import huggingface_hub
 import huggingface_hub.hf_api
 import pytest
+import torch
 import transformers.utils.hub
 from hub_server import HubServer, User
 from huggingface_hub import constants
+
+from modeling_vltp.conversion import import_segment_anything_modeling
 
 ALICE_TOKEN = "hf_alice_write_token"  # user "alice", member of the organisation "testorg"
 BOB_TOKEN = "hf_bob_write_token"  # user "bob", no organisation
@@ -40,6 +43,25 @@ def use_hub_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str, cache_dir: 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir / "hub"))
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", endpoint)
     monkeypatch.setattr(transformers.utils.hub, "_hf_api", None, raising=False)
+
+
+@pytest.fixture
+def segment_anything():
+    """Meta's `segment_anything.modeling`; the test is skipped where segment-anything is not installed."""
+    modeling = import_segment_anything_modeling()
+    if modeling is None:
+        pytest.skip("segment-anything is not installed (pip install segment-anything)")
+    return modeling
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: the tiny models are fastest on one thread, and more threads on a shared
+    machine slow them down many times. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def free_port() -> int:

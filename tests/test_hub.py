@@ -15,6 +15,7 @@ import transformers
 from conftest import ALICE_TOKEN, BOB_TOKEN, free_port, use_hub_endpoint
 from huggingface_hub import HfApi, ModelCard, constants
 from packaging import version
+from test_conversion import FLOAT32_TOLERANCE, assert_close
 from test_vision_model import tiny_config, tiny_model
 from transformers import AutoModel
 
@@ -218,7 +219,9 @@ _REMOTE_CODE_SCRIPT = textwrap.dedent("""\
 def run_remote_code(tmp_path: Path, model, processor, sources: list[str], calls: list[dict]):
     """Load each of `sources` with `trust_remote_code=True` in a fresh process where `modeling_vltp` cannot be
     imported, run it on each of `calls` (keyword arguments), run the last source's processor on an image and a task,
-    and check that every output equals `model`'s and `processor`'s here."""
+    and check that every output matches `model`'s and `processor`'s here: integers exactly, floats to
+    FLOAT32_TOLERANCE, since another process may lay memory out differently and MKL then rounds differently (6e-8
+    seen on an AMD EPYC)."""
     image, task = torch.arange(24 * 32 * 3, dtype=torch.uint8).reshape(24, 32, 3), "open the bottle of beer"
     torch.save((calls, (image, task)), tmp_path / "inputs.pt")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -229,53 +232,88 @@ def run_remote_code(tmp_path: Path, model, processor, sources: list[str], calls:
     with torch.no_grad():
         expected = [dict(model(**kwargs)) for kwargs in calls]
     for source in sources:
-        assert_equal_nested(results[source], expected)
-    assert_equal_nested(results["processor"], dict(processor(image.numpy(), task)))
+        assert_equal_nested(results[source], expected, FLOAT32_TOLERANCE)
+    assert_equal_nested(results["processor"], dict(processor(image.numpy(), task)), FLOAT32_TOLERANCE)
 
 
-def assert_equal_nested(actual, expected):
-    """Exact equality of tensors in (nested) lists, tuples and dicts."""
+def assert_equal_nested(actual, expected, tolerance: float = 0.0):
+    """Equality of tensors in (nested) lists, tuples and dicts: integer tensors exactly, floating ones within
+    `tolerance` relative to their largest value (0: bit for bit)."""
     if isinstance(expected, torch.Tensor):
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+        if expected.is_floating_point() and tolerance:
+            assert_close(actual, expected, tolerance)
+        else:
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
     elif isinstance(expected, dict):
         assert actual.keys() == expected.keys()
         for key in expected:
-            assert_equal_nested(actual[key], expected[key])
+            assert_equal_nested(actual[key], expected[key], tolerance)
     elif isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected)
         for a, e in zip(actual, expected):
-            assert_equal_nested(a, e)
+            assert_equal_nested(a, e, tolerance)
     else:
         assert actual == expected
 
 
+def share_the_plain_way(model, processor, local_dir: Path, repo_id: str):
+    """What every transformers user does: `save_pretrained` into a folder and `push_to_hub`, nothing else."""
+    model.save_pretrained(local_dir)
+    processor.save_pretrained(local_dir)
+    model.push_to_hub(repo_id)
+    processor.push_to_hub(repo_id)
+
+
 def test_remote_code_without_the_package_from_a_folder_and_from_the_hub(tmp_path, hub):
     model, processor = tiny_model(), tiny_processor(sam_image_size=160)
-    push_to_hub_with_card(model, REPO_ID)
-    push_to_hub_with_card(processor, REPO_ID)
-    local_dir = tmp_path / "local"
-    model.save_pretrained(local_dir)  # the classes are registered for the Auto classes by the push
-    assert json.loads((local_dir / "config.json").read_text())["auto_map"]["AutoModel"] == (
-        "modeling_vltp.VLTPSamVisionModel"
-    )
+    share_the_plain_way(model, processor, tmp_path / "local", REPO_ID)
+    assert json.loads((tmp_path / "local" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_vltp.VLTPVisionConfig",
+        "AutoModel": "modeling_vltp.VLTPSamVisionModel",
+    }
     pixel_values, guidance = model_inputs()
     calls = [{"pixel_values": pixel_values}, {"pixel_values": pixel_values, "guidance_embeds": guidance}]
-    run_remote_code(tmp_path, model, processor, [str(local_dir), REPO_ID], calls)
+    run_remote_code(tmp_path, model, processor, [str(tmp_path / "local"), REPO_ID], calls)
 
 
 def test_remote_code_of_the_full_model_and_processor(tmp_path, hub):
     model, processor = tiny_model_and_processor()
-    push_to_hub_with_card(model, FULL_REPO_ID)
-    push_to_hub_with_card(processor, FULL_REPO_ID)
+    share_the_plain_way(model, processor, tmp_path / "local", FULL_REPO_ID)
     config = json.loads(Path(HfApi().hf_hub_download(FULL_REPO_ID, "config.json")).read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_vltp.VLTPConfig",
         "AutoModel": "modeling_vltp.VLTPForTaskSegmentation",
     }
+    processor_config = json.loads(Path(HfApi().hf_hub_download(FULL_REPO_ID, "processor_config.json")).read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_vltp.VLTPProcessor"}
     image = np.arange(40 * 56 * 3, dtype=np.uint8).reshape(40, 56, 3)
     batch = processor([image, image[::-1].copy()], ["open the bottle of beer", "cut the food"], answers="Sure, [SEG].")
     calls = [{key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "sam_pixel_values")}]
-    run_remote_code(tmp_path, model, processor, [FULL_REPO_ID], calls)
+    run_remote_code(tmp_path, model, processor, [str(tmp_path / "local"), FULL_REPO_ID], calls)
+
+
+def test_save_without_remote_code_writes_no_auto_map_and_no_code(tmp_path):
+    model, processor = tiny_model_and_processor()
+    model.save_pretrained(tmp_path / "with")  # an auto_map in memory too, from this save
+    processor.save_pretrained(tmp_path / "with")
+    model.save_pretrained(tmp_path / "plain", remote_code=False)
+    processor.save_pretrained(tmp_path / "plain", remote_code=False)
+    files = sorted(path.name for path in (tmp_path / "plain").iterdir())
+    assert files == [
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert "auto_map" not in (tmp_path / "plain" / "config.json").read_text()
+    assert "auto_map" not in (tmp_path / "plain" / "processor_config.json").read_text()
+    assert "auto_map" not in (tmp_path / "plain" / "tokenizer_config.json").read_text()
+    # The classes stay registered: the next plain save writes the code again.
+    model.save_pretrained(tmp_path / "again")
+    assert {"configuration_vltp.py", "modeling_vltp.py"} <= {path.name for path in (tmp_path / "again").iterdir()}
+    reloaded = VLTPForTaskSegmentation.from_pretrained(tmp_path / "plain")
+    assert reloaded.state_dict().keys() == model.state_dict().keys()
 
 
 # -- LoRA adapters on the Hub ---------------------------------------------------------------------------------------
@@ -303,7 +341,8 @@ def test_push_adapter_with_card_then_pull_and_merge(tmp_path, hub):
     assert_equal_nested(task_outputs(pulled, task_batch(processor)), adapted)
     merged = pulled.merge_and_unload()
     assert type(merged) is VLTPForTaskSegmentation
-    torch.testing.assert_close(task_outputs(merged, task_batch(processor)), adapted, rtol=1e-5, atol=1e-5)
+    # Merging adds B @ A into the weights: W x + B (A x) becomes (W + B A) x, float32 rounding apart.
+    assert_equal_nested(task_outputs(merged, task_batch(processor)), adapted, FLOAT32_TOLERANCE)
 
 
 # -- pulls from olah ------------------------------------------------------------------------------------------------

@@ -35,13 +35,7 @@ ANSWER = "Sure, [SEG]."
 QUIET = {"report_to": "none", "use_cpu": True, "disable_tqdm": True, "save_strategy": "no", "logging_steps": 1000}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny system is fastest on one thread; more threads on a shared machine slow it down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
