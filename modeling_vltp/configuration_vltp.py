@@ -4,7 +4,32 @@ This file imports only from transformers and, relatively, from the other model f
 next to the weights so that `trust_remote_code=True` works without this package installed.
 """
 
+import contextlib
+
 from transformers import LlavaConfig, PreTrainedConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
+
+
+@contextlib.contextmanager
+def without_remote_code(*objects):
+    """Within the block, saving `objects` (a model and its config, or a processor and its image processors) writes
+    neither an `auto_map` nor the model files, although their classes are registered for the Auto classes: the classes
+    are unregistered and the objects' `auto_map` (from an earlier save or load) hidden. Not thread-safe."""
+    classes = {type(obj) for obj in objects}
+    registered = {cls: cls.__dict__["_auto_class"] for cls in classes if "_auto_class" in cls.__dict__}
+    auto_maps = {id(obj): obj.__dict__.pop("auto_map") for obj in objects if "auto_map" in obj.__dict__}
+    for cls in classes:
+        cls._auto_class = None
+    try:
+        yield
+    finally:
+        for cls in classes:
+            if cls in registered:
+                cls._auto_class = registered[cls]
+            else:
+                del cls._auto_class
+        for obj in objects:
+            if id(obj) in auto_maps:
+                obj.auto_map = auto_maps[id(obj)]
 
 
 def _sam_vision_preset(hidden_size, num_hidden_layers, num_attention_heads, global_attn_indexes):

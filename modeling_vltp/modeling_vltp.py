@@ -19,7 +19,6 @@ How pruning runs inside SAM's ViT (paper Sec. 4.2-4.4):
 - After the last layer every token is merged back into the grid and SAM's neck runs on the full grid.
 """
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
+from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates, without_remote_code
 
 
 @dataclass
@@ -171,29 +170,6 @@ class _KeptTokens:
 # Checkpoint files of at most this size: a 7B VLTP model (31 GB in float32) becomes 7 shards. transformers 5 defaults
 # to 50GB, which would write it as a single file.
 MAX_SHARD_SIZE = "5GB"
-
-
-@contextlib.contextmanager
-def without_remote_code(*objects):
-    """Within the block, saving `objects` (a model and its config, or a processor and its image processors) writes
-    neither an `auto_map` nor the model files, although their classes are registered for the Auto classes: the classes
-    are unregistered and the objects' `auto_map` (from an earlier save or load) hidden. Not thread-safe."""
-    classes = {type(obj) for obj in objects}
-    registered = {cls: cls.__dict__["_auto_class"] for cls in classes if "_auto_class" in cls.__dict__}
-    auto_maps = {id(obj): obj.__dict__.pop("auto_map") for obj in objects if "auto_map" in obj.__dict__}
-    for cls in classes:
-        cls._auto_class = None
-    try:
-        yield
-    finally:
-        for cls in classes:
-            if cls in registered:
-                cls._auto_class = registered[cls]
-            else:
-                del cls._auto_class
-        for obj in objects:
-            if id(obj) in auto_maps:
-                obj.auto_map = auto_maps[id(obj)]
 
 
 class VLTPPreTrainedModel(PreTrainedModel):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 from transformers import AddedToken, BatchFeature, ProcessorMixin
 
-from .modeling_vltp import without_remote_code
+from .configuration_vltp import without_remote_code
 
 SEG_TOKEN = "[SEG]"
 IMAGE_TOKEN = "<image>"
