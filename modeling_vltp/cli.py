@@ -52,7 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: vision-language, 2: VLTP@Finetune")
     train.add_argument("--config", required=True, help="YAML file: model, data, rates, output_dir, training arguments")
     train.add_argument(
-        "--resume", nargs="?", const=True, help="resume from the last checkpoint in output_dir, or from CHECKPOINT"
+        "--resume",
+        nargs="?",
+        const=True,
+        help="resume the run in output_dir from its last complete checkpoint, or from CHECKPOINT",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a non-empty output_dir (files the run does not write are kept)",
     )
 
     evaluate = commands.add_parser("eval", help="gIoU, cIoU and GMACs of a model on a split, at several rates")
@@ -155,7 +163,7 @@ def segment_command(args) -> None:
     for label in labels:
         print(f"pruning: {label}")
     if args.show_pruning:
-        _save(pruning_map(image, result.kept_token_maps, config.image_size, labels), args.show_pruning, "pruning map")
+        _save(pruning_map(image, result.kept_token_maps, labels), args.show_pruning, "pruning map")
         print(f"pruning map -> {args.show_pruning}")
 
 
@@ -168,6 +176,7 @@ def train_command(args) -> None:
         config = TrainConfig.from_yaml(args.config, stage=args.stage)
         if args.resume is not None:
             config.resume_from_checkpoint = args.resume
+        config.overwrite_output_dir |= args.overwrite
         summary = train(config)
     except TrainingInputError as error:
         raise CommandError(str(error)) from None

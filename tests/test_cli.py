@@ -99,10 +99,10 @@ def test_overlay_tints_only_the_mask():
 
 
 def test_pruning_map_draws_one_panel_per_stage_on_the_image_pixels():
-    image = Image.fromarray(np.full((64, 128, 3), 200, dtype=np.uint8))  # resized to 128 x 256 in a 256 frame
+    image = Image.fromarray(np.full((64, 128, 3), 200, dtype=np.uint8))  # fills the top half of the square frame
     kept = torch.zeros(4, 4, dtype=torch.bool)
     kept[0, 0] = True  # the top-left token covers 64 x 64 frame pixels = 32 x 32 image pixels
-    sheet = np.array(pruning_map(image, [kept, ~kept], encoder_image_size=256, labels=["", ""]).convert("L"))
+    sheet = np.array(pruning_map(image, [kept, ~kept], labels=["", ""]).convert("L"))
     assert sheet.shape == (64, 2 * 128 + 4)
     first, second = sheet[:, :128], sheet[:, 132:]
     assert (first[:32, :32] == 200).all() and (first[:32, 32:] < 200).all() and (first[32:] < 200).all()

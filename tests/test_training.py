@@ -27,6 +27,7 @@ from modeling_vltp.training import (
     load_seg_cache,
     mask_overlaps,
     prepare_stage1_model,
+    run_record,
     train,
     vision_gmacs,
 )
@@ -259,7 +260,7 @@ class StopAt(TrainerCallback):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(world, stage1, stage2, tmp_path, stage):
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(world, stage1, stage2, tmp_path, caplog, stage):
     checkpoints = {"save_strategy": "steps", "save_steps": 2}
 
     def config(output, **extra):
@@ -272,9 +273,81 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(world, stage1, st
     train(config(tmp_path / "straight"))
     interrupted = train(config(tmp_path / "resumed"), callbacks=[StopAt(2)])
     assert interrupted.global_step == 2 and (tmp_path / "resumed" / "checkpoint-2").is_dir()
-    resumed = train(config(tmp_path / "resumed", resume_from_checkpoint=True))
+    # A crash during the next save left a checkpoint folder with one file: resume from checkpoint-2 and say so.
+    (tmp_path / "resumed" / "checkpoint-3").mkdir()
+    (tmp_path / "resumed" / "checkpoint-3" / "README.md").write_text("")
+    with caplog.at_level("WARNING", logger="modeling_vltp.training"):
+        resumed = train(config(tmp_path / "resumed", resume_from_checkpoint=True))
+    assert "resuming from checkpoint-2; skipped checkpoint-3: incomplete" in caplog.text
     assert resumed.global_step == 4
     torch.testing.assert_close(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"training": {"learning_rate": 1e-3}}, "training.learning_rate 0.005 -> 0.001"),
+        ({"data": {"max_train_samples": 6}}, "data.max_train_samples None -> 6"),
+        ({"annotations": "edited"}, "the annotation files differ"),
+        ({"model": "base"}, "the model's config or weights differ"),
+    ],
+)
+def test_resume_refuses_a_different_run_and_says_what_differs(
+    world, base_model, stage1, tmp_path, capsys, change, message
+):
+    """A run folder whose checkpoint came from other settings, data or model is not continued."""
+    run = tmp_path / "run"
+    original = settings(world, stage1[0], run)
+    run.mkdir()
+    (run / "checkpoint-600").mkdir()
+    (run / "vltp_run.json").write_text(json.dumps(run_record(TrainConfig.from_dict(original, stage=1))))
+    config = settings(world, stage1[0], run, training=change.get("training", {}))
+    config["data"].update(change.get("data", {}))
+    if "annotations" in change:
+        edited = json.loads((world / "RIO_train_all_thing.json").read_text())
+        edited[0]["expressions"] = "something else"  # one task sentence of the training split
+        (tmp_path / "edited").mkdir()
+        (tmp_path / "edited" / "RIO_train_all_thing.json").write_text(json.dumps(edited))
+        config["data"]["annotations"] = str(tmp_path / "edited")
+    if "model" in change:
+        config["model"] = str(base_model)
+    path = write_yaml(tmp_path / "config.yaml", config)
+    assert main(["train", "--stage", "1", "--config", str(path), "--resume"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("vltp: error: ") and "holds a different run" in error and message in error, error
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-600", "vltp_run.json"]
+
+
+def test_a_non_empty_output_dir_is_refused_and_overwrite_deletes_only_what_the_run_wrote(
+    world, base_model, tmp_path, capsys
+):
+    """Issue 15.1: an earlier run's folder is kept unless --overwrite; then checkpoint rotation deletes only this
+    run's checkpoints, and only the files it wrote there."""
+    run = tmp_path / "run"
+    (run / "checkpoint-1000").mkdir(parents=True)
+    (run / "checkpoint-1000" / "my_notes.txt").write_text("notes")
+    (run / "model.safetensors").write_text("the earlier run's model")
+    config = settings(world, base_model, run, training={"max_steps": 3, "save_strategy": "steps", "save_steps": 1})
+    config["training"]["save_total_limit"] = 1
+    del config["data"]["eval_split"]
+    path = write_yaml(tmp_path / "config.yaml", config)
+    assert main(["train", "--stage", "1", "--config", str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "field 'output_dir'" in error and "is not empty" in error and "--overwrite" in error, error
+    assert (run / "model.safetensors").read_text() == "the earlier run's model"
+
+    class NoteInto(TrainerCallback):
+        """A user's file put into this run's first checkpoint while the run goes on."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                (run / "checkpoint-1" / "mine.txt").write_text("mine")
+
+    train(TrainConfig.from_dict({**config, "overwrite_output_dir": True}, stage=1), callbacks=[NoteInto()])
+    assert (run / "checkpoint-1000" / "my_notes.txt").read_text() == "notes"
+    assert sorted(p.name for p in (run / "checkpoint-1").iterdir()) == ["mine.txt"]  # the rest was rotated away
+    assert not (run / "checkpoint-2").exists() and (run / "checkpoint-3" / "trainer_state.json").is_file()
+    assert list(json.loads((run / "vltp_run.json").read_text())["checkpoints"]) == ["checkpoint-3"]
 
 
 def test_compute_metrics_agree_with_the_tos_metrics_at_each_images_size():
@@ -386,12 +459,37 @@ def _rio_with_empty_masks(world: Path, target: Path) -> Path:
     return target
 
 
+def _sam_checkpoint(target: Path) -> Path:
+    """A saved plain `SamModel` (SAM's small test sizes)."""
+    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+
+    vision = SamVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        output_channels=16,
+        image_size=64,
+        patch_size=8,
+        mlp_dim=64,
+        global_attn_indexes=[1],
+    )
+    config = SamConfig(
+        vision_config=vision,
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8),
+        mask_decoder_config=SamMaskDecoderConfig(
+            hidden_size=16, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
+        ),
+    )
+    SamModel(config).save_pretrained(target)
+    return target
+
+
 BAD_INPUTS = {
     "missing config": (1, lambda c, t, w: None, "config file not found"),
     "missing model": (
         1,
         lambda c, t, w: c.update(model=str(t / "nowhere")),
-        "field 'model': .* is not a VLTP checkpoint",
+        "field 'model': .*nowhere does not exist",
     ),
     "missing annotations": (
         1,
@@ -427,6 +525,57 @@ BAD_INPUTS = {
     "too many rates": (2, lambda c, t, w: c.update(prune_rates=[0.5, 0.5]), "one rate per pruning stage"),
     "stage 2 without stage-1 checkpoint": (2, lambda c, t, w: c.update(model=str(t)), "is not a stage-1 checkpoint"),
     "stage 2 without SEG cache": (2, lambda c, t, w: c.pop("seg_cache"), "field 'seg_cache': missing"),
+    "max_steps as a string": (
+        1,
+        lambda c, t, w: c["training"].update(max_steps="1"),
+        "'training.max_steps': expected an integer",
+    ),
+    "max_steps 0": (1, lambda c, t, w: c["training"].update(max_steps=0), "'training.max_steps': must be at least 1"),
+    "max_steps -5": (
+        1,
+        lambda c, t, w: c["training"].update(max_steps=-5),
+        "'training.max_steps': must be at least 1",
+    ),
+    "negative learning rate": (
+        1,
+        lambda c, t, w: c["training"].update(learning_rate=-1),
+        "'training.learning_rate': must be positive",
+    ),
+    "NaN learning rate": (
+        1,
+        lambda c, t, w: c["training"].update(learning_rate=float("nan")),
+        "'training.learning_rate': expected a finite number",
+    ),
+    "batch size 0": (
+        1,
+        lambda c, t, w: c["training"].update(per_device_train_batch_size=0),
+        "'training.per_device_train_batch_size': must be at least 1",
+    ),
+    "evaluation without an evaluation split": (
+        1,
+        lambda c, t, w: c["data"].pop("eval_split") and c["training"].update(eval_strategy="steps"),
+        "'training.eval_strategy': needs an evaluation split",
+    ),
+    "unknown LoRA target": (
+        1,
+        lambda c, t, w: c["lora"].update(target_modules=["nonexistent_proj"]),
+        "'lora.target_modules': no linear layer 'nonexistent_proj' in the language model .*q_proj",
+    ),
+    "reporting to a tool that is not installed": (
+        1,
+        lambda c, t, w: c["training"].update(report_to="wandb"),
+        "'training.report_to': wandb is not installed",
+    ),
+    "output_dir is a file": (
+        1,
+        lambda c, t, w: (t / "file").write_text("x") and c.update(output_dir=str(t / "file")),
+        "'output_dir': .*file is a file, not a folder",
+    ),
+    "a plain SAM checkpoint as model": (
+        1,
+        lambda c, t, w: c.update(model=str(_sam_checkpoint(t / "sam"))),
+        "'model': .*sam holds a 'sam' model, not a VLTP checkpoint",
+    ),
     "stage 2 with a folder that is no SEG cache": (
         2,
         lambda c, t, w: (t / "junk").mkdir() or c.update(seg_cache=str(t / "junk")),
