@@ -1101,7 +1101,7 @@ _FINGERPRINTS = {
 }
 
 
-def record_differences(old: dict, new: dict) -> list[str]:
+def record_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """What differs between two run records (or two [`seg_cache_info`]s), one short phrase per difference; the
     model's path and the list of checkpoints are left out (the model's fingerprint is compared instead)."""
     differences = []
@@ -1110,9 +1110,9 @@ def record_differences(old: dict, new: dict) -> list[str]:
         if key in ("checkpoints", "model") or before == after:
             continue
         if isinstance(before, dict) and isinstance(after, dict):
-            differences += record_differences(before, after)
+            differences += record_differences(before, after, "" if key == "settings" else f"{prefix}{key}.")
         else:
-            differences.append(_FINGERPRINTS.get(key) or f"{key} {before!r:.40} -> {after!r:.40}")
+            differences.append(_FINGERPRINTS.get(key) or f"{prefix}{key} {before!r:.40} -> {after!r:.40}")
     return differences
 
 

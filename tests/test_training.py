@@ -247,6 +247,33 @@ def test_rate_change_finetunes_from_the_previous_rates_checkpoint(world, stage2,
     )
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c, base: c.update(model=str(base)),
+            r"the model's LLaVA side \(weights, config, text_hidden_fcs\) differs",
+        ),
+        (lambda c, base: c["data"].update(eval_split="train"), "data.eval_split 'common' -> 'train'"),
+        (lambda c, base: c["data"].update(max_train_samples=4), "data.max_train_samples None -> 4"),
+    ],
+)
+def test_a_seg_cache_built_for_other_settings_is_refused(
+    world, base_model, stage1, stage2, tmp_path, capsys, edit, message
+):
+    """Issue 15.4: the cache of stage 1's model and RIO train/common is not reused for another LLaVA or other data
+    (a stage-2 output of the same stage-1 model does reuse it: see the rate-change test)."""
+    config = stage2_settings(world, stage1[0], tmp_path / "out", stage2[1])
+    edit(config, base_model)
+    path = write_yaml(tmp_path / "config.yaml", config)
+    assert main(["train", "--stage", "2", "--config", str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "field 'seg_cache'" in error and "was built for other settings" in error and re.search(message, error), (
+        error
+    )
+    assert not (tmp_path / "out").exists()
+
+
 class StopAt(TrainerCallback):
     """Ends training after `step` optimizer steps, as an interruption would (the checkpoint of that step is saved)."""
 
@@ -459,7 +486,7 @@ def _rio_with_empty_masks(world: Path, target: Path) -> Path:
     return target
 
 
-def _sam_checkpoint(target: Path) -> Path:
+def sam_checkpoint(target: Path) -> Path:
     """A saved plain `SamModel` (SAM's small test sizes)."""
     from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
@@ -573,7 +600,7 @@ BAD_INPUTS = {
     ),
     "a plain SAM checkpoint as model": (
         1,
-        lambda c, t, w: c.update(model=str(_sam_checkpoint(t / "sam"))),
+        lambda c, t, w: c.update(model=str(sam_checkpoint(t / "sam"))),
         "'model': .*sam holds a 'sam' model, not a VLTP checkpoint",
     ),
     "stage 2 with a folder that is no SEG cache": (
