@@ -487,27 +487,11 @@ def _rio_with_empty_masks(world: Path, target: Path) -> Path:
 
 
 def sam_checkpoint(target: Path) -> Path:
-    """A saved plain `SamModel` (SAM's small test sizes)."""
-    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+    """A saved plain `SamModel` (the conversion tests' tiny SAM)."""
+    from test_conversion import tiny_sam_config
+    from transformers import SamModel
 
-    vision = SamVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        output_channels=16,
-        image_size=64,
-        patch_size=8,
-        mlp_dim=64,
-        global_attn_indexes=[1],
-    )
-    config = SamConfig(
-        vision_config=vision,
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8),
-        mask_decoder_config=SamMaskDecoderConfig(
-            hidden_size=16, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
-        ),
-    )
-    SamModel(config).save_pretrained(target)
+    SamModel(tiny_sam_config()).save_pretrained(target)
     return target
 
 
