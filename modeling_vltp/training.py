@@ -673,9 +673,9 @@ def merge_stage1(base_model: str, adapter_dir: str, output_dir: str) -> VLTPForT
     the processor to `output_dir` (as LISA's merge script does)."""
     from peft import PeftModel
 
-    with outside_deepspeed():
+    with outside_deepspeed():  # a plain model: peft's ZeRO-3 code paths must not apply to it either
         model = VLTPForTaskSegmentation.from_pretrained(base_model)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     VLTPProcessor.from_pretrained(base_model).save_pretrained(output_dir)
     return merged
