@@ -11,6 +11,7 @@ docs/training.md).
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,13 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--overlay", help="where to write the image with the mask over it")
     segment.add_argument("--show-pruning", help="where to write the kept-token map of each pruning stage")
     segment.add_argument("--max-new-tokens", type=int, default=32, help="length limit of the answer")
-    segment.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    segment.add_argument("--device", help="torch device (default: accelerate's device for this process, else cpu)")
 
     train = commands.add_parser("train", help="finetune: stage 1 (LoRA on LLaVA) or stage 2 (VLTP prune decoder)")
     train.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: vision-language, 2: VLTP@Finetune")
     train.add_argument("--config", required=True, help="YAML file: model, data, rates, output_dir, training arguments")
     train.add_argument(
-        "--resume", nargs="?", const=True, help="resume from the last checkpoint in output_dir, or from CHECKPOINT"
+        "--resume",
+        nargs="?",
+        const=True,
+        help="resume the run in output_dir from its last complete checkpoint, or from CHECKPOINT",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a non-empty output_dir (files the run does not write are kept)",
     )
 
     evaluate = commands.add_parser("eval", help="gIoU, cIoU and GMACs of a model on a split, at several rates")
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     evaluate.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
-    evaluate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    evaluate.add_argument("--device", help="torch device (default: accelerate's device for this process, else cpu)")
     return parser
 
 
@@ -86,28 +95,99 @@ def _parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {text!r}") from None
 
 
-def _load_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+def _open_image(path: str):
+    """The RGB image at `path` as a person sees it (the processor's `load_image`: EXIF orientation, 16-bit scaling), or
+    a one-line [`CommandError`] (missing, unreadable, or over PIL's decompression-bomb limit)."""
+    from .processing_vltp import load_image
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return load_image(path)
     except FileNotFoundError:
         raise CommandError(f"cannot read image {path!r}: no such file") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise CommandError(f"cannot read image {path!r}: {error}") from None
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+
+
+def _looks_local(name: str) -> bool:
+    """Whether a model name is a local path rather than a Hub id (`org/name` or `name`): it exists, starts like a
+    path, has more than one `/` (or an OS separator other than `/`), or its first folder exists here."""
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return True
+    if os.sep != "/" and os.sep in name:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
+def _model_config(name: str):
+    """The `VLTPConfig` of a model, read before its weights so that arguments are checked first. A local-looking name
+    is read without network calls; any model type other than VLTP is refused by its config.json's `model_type`."""
+    from .configuration_vltp import VLTPConfig
+    from .training import read_vltp_config
+
+    try:
+        if _looks_local(name):
+            return read_vltp_config(name)
+        config_dict, _ = VLTPConfig.get_config_dict(name)
+        if config_dict.get("model_type") != VLTPConfig.model_type:
+            raise ValueError(f"{name} holds a {config_dict.get('model_type')!r} model, not a VLTP checkpoint")
+        return VLTPConfig.from_pretrained(name)
+    except Exception as error:  # from_pretrained raises OSError, HTTP and value errors alike
+        raise CommandError(f"cannot load model {name!r}: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _load_model(name: str, device: str):
+    """Model and processor of a name whose config [`_model_config`] accepted."""
     from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
 
+    path = str(Path(name).expanduser()) if _looks_local(name) else name
     try:
-        model = VLTPForTaskSegmentation.from_pretrained(name).to(device).eval()
-        processor = VLTPProcessor.from_pretrained(name)
+        model = VLTPForTaskSegmentation.from_pretrained(path).to(device).eval()
+        processor = VLTPProcessor.from_pretrained(path)
     except Exception as error:  # from_pretrained raises OSError, HTTP and value errors alike
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CommandError(f"cannot load model {name!r}: {reason}") from None
+        raise CommandError(f"cannot load model {name!r}: {_first_line(error)}") from None
     return model, processor
+
+
+def _device(requested: str | None) -> str:
+    """The torch device: `--device`, else the one accelerate assigns this process (a GPU under `accelerate launch`
+    on a GPU machine, the CPU otherwise)."""
+    if requested is not None:
+        return requested
+    from accelerate import PartialState
+
+    return str(PartialState().device)
+
+
+def _check_outputs(args) -> None:
+    """Every output path must be a new or existing file (not a folder, not the input image, not another output) with
+    an image extension, in a writable folder: checked before the model is loaded, so that a bad path writes nothing."""
+    from PIL import Image
+
+    image = Path(args.image).resolve()
+    outputs = {"--out": args.out, "--overlay": args.overlay, "--show-pruning": args.show_pruning}
+    seen = {}
+    for option, value in outputs.items():
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if path.is_dir():
+            raise CommandError(f"{option} {value!r} is a folder: give a file name such as {path / 'mask.png'}")
+        if path.resolve() == image:
+            raise CommandError(f"{option} {value!r} is the input image: write the result to another file")
+        if path.resolve() in seen:
+            raise CommandError(f"{option} and {seen[path.resolve()]} both name {value!r}")
+        seen[path.resolve()] = option
+        if path.suffix.lower() not in Image.registered_extensions():
+            raise CommandError(f"{option} {value!r}: unknown image file extension {path.suffix!r} (e.g. .png)")
+        folder = path.parent
+        if not folder.is_dir():
+            raise CommandError(f"cannot write {option} {value!r}: no folder {str(folder)!r}")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise CommandError(f"cannot write {option} {value!r}: permission denied")
 
 
 def _save(image, path: str, what: str) -> None:
@@ -118,17 +198,35 @@ def _save(image, path: str, what: str) -> None:
 
 
 def segment_command(args) -> None:
+    from .configuration_vltp import check_prune_rates
+    from .processing_vltp import MAX_ASPECT_RATIO
     from .visualization import mask_image, overlay_mask, pruning_map
 
-    image = _load_image(args.image)
+    _check_outputs(args)
+    image = _open_image(args.image)
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.model is None and not DEMO_MODEL_DIR.is_dir():
+        raise CommandError("no --model given and this installation has no demo model: name a VLTP checkpoint")
+    name = args.model or str(DEMO_MODEL_DIR)
+    vision_config = _model_config(name).vision_config
+    if args.prune_rates is not None:
+        try:
+            check_prune_rates(args.prune_rates, len(vision_config.prune_layers), name="--prune-rates")
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+    side, short, long = vision_config.image_size, min(image.size), max(image.size)
+    if long > MAX_ASPECT_RATIO * short or int(short * side / long + 0.5) < 1:  # the processor's bound, checked early
+        raise CommandError(
+            f"image {args.image!r} is {image.width}x{image.height}: too elongated for the model's {side} px input "
+            f"(at most 1:{MAX_ASPECT_RATIO}); crop it into less elongated pieces"
+        )
     if args.model is None:
-        if not DEMO_MODEL_DIR.is_dir():
-            raise CommandError("no --model given and this installation has no demo model: name a VLTP checkpoint")
         print(
             "model:  the built-in demo, a tiny VLTP trained on the synthetic task world "
             "(python -m modeling_vltp.data.synthetic); give --model for real images"
         )
-    model, processor = _load_model(args.model or str(DEMO_MODEL_DIR), args.device)
+    model, processor = _load_model(name, _device(args.device))
     try:
         (result,) = model.segment(
             image, args.task, processor, prune_rates=args.prune_rates, max_new_tokens=args.max_new_tokens
@@ -147,15 +245,14 @@ def segment_command(args) -> None:
     if args.overlay:
         _save(overlay_mask(image, result.mask), args.overlay, "overlay")
         print(f"overlay -> {args.overlay}")
-    config = model.config.vision_config
     labels = [
         f"after layer {layer}: kept {int(kept.sum())}/{kept.numel()}"
-        for layer, kept in zip(config.prune_layers, result.kept_token_maps)
+        for layer, kept in zip(vision_config.prune_layers, result.kept_token_maps)
     ]
     for label in labels:
         print(f"pruning: {label}")
     if args.show_pruning:
-        _save(pruning_map(image, result.kept_token_maps, config.image_size, labels), args.show_pruning, "pruning map")
+        _save(pruning_map(image, result.kept_token_maps, labels), args.show_pruning, "pruning map")
         print(f"pruning map -> {args.show_pruning}")
 
 
@@ -168,6 +265,7 @@ def train_command(args) -> None:
         config = TrainConfig.from_yaml(args.config, stage=args.stage)
         if args.resume is not None:
             config.resume_from_checkpoint = args.resume
+        config.overwrite_output_dir |= args.overwrite
         summary = train(config)
     except TrainingInputError as error:
         raise CommandError(str(error)) from None
@@ -194,8 +292,7 @@ def eval_command(args) -> None:
         dataset = load_split(data, args.split, args.max_samples, source="vltp eval")
     except TrainingInputError as error:
         raise CommandError(str(error)) from None
-    model, processor = _load_model(args.model, args.device)
-    vision_config = model.config.vision_config
+    vision_config = _model_config(args.model).vision_config
     num_stages = len(vision_config.prune_layers)
     if args.prune_rates is None:
         rates_list = [[0.0] * num_stages, list(vision_config.prune_rates)]
@@ -203,9 +300,10 @@ def eval_command(args) -> None:
         rates_list = [[rate] * num_stages for rate in args.prune_rates]
     try:
         for stage_rates in rates_list:
-            check_prune_rates(stage_rates, num_stages)
+            check_prune_rates(stage_rates, num_stages, name="--prune-rates")
     except ValueError as error:
         raise CommandError(str(error)) from None
+    model, processor = _load_model(args.model, _device(args.device))
     results = evaluate_rates(model, processor, dataset, rates_list, batch_size=args.batch_size)
 
     name = args.model.rstrip("/").split("/")[-1]

@@ -19,13 +19,19 @@ LISA and VLTP report them) and the GMACs of the ViT at the rates trained. Everyt
 (see `docs/training.md`).
 """
 
+import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
+import logging
 import math
+import os
 import shutil
+import struct
 import time
 import types
+import typing
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -72,6 +78,32 @@ STAGE1_TRAINING_DEFAULTS = {
 
 SEG_CACHE_COLUMN = "seg_embed"
 _SEG_CACHE_INFO = "vltp_seg_cache.json"
+# What a run was started with (settings, model and data fingerprints) and the checkpoints it completed, in output_dir.
+RUN_RECORD = "vltp_run.json"
+# Settings a resumed run may change: they change neither the data, the model nor the optimisation.
+RESUMABLE_SETTINGS = frozenset(
+    {"model", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "source", "cache_batch_size"}
+    | {
+        f"training.{name}"
+        for name in (
+            "logging_steps",
+            "logging_strategy",
+            "logging_first_step",
+            "save_steps",
+            "save_strategy",
+            "save_total_limit",
+            "report_to",
+            "disable_tqdm",
+            "dataloader_num_workers",
+            "eval_steps",
+            "eval_strategy",
+            "per_device_eval_batch_size",
+            "run_name",
+        )
+    }
+)
+
+logger = logging.getLogger(__name__)
 
 STAGE1_LOSSES = ("lm_loss", "mask_bce_loss", "mask_dice_loss")
 STAGE2_LOSSES = ("mask_bce_loss", "mask_dice_loss", "prune_loss")
@@ -133,6 +165,8 @@ class TrainConfig:
     `model` is a local VLTP checkpoint with its processor: the system to finetune in stage 1, a stage-1 (or earlier
     stage-2) output in stage 2. `prune_rates` (stage 2) gives one rate per pruning stage; `seg_cache` (stage 2) is the
     folder of the `[SEG]` cache, built there from `model` when absent. `training` holds `TrainingArguments` fields.
+    A non-empty `output_dir` is refused unless the run resumes (`resume_from_checkpoint`) or `overwrite_output_dir`
+    is set; files a run did not write are never deleted.
     """
 
     stage: int
@@ -147,6 +181,7 @@ class TrainConfig:
     train_mask_decoder: bool = True
     cache_batch_size: int = 8
     resume_from_checkpoint: bool | str | None = None
+    overwrite_output_dir: bool = False
     source: str = "<config>"
 
     @classmethod
@@ -245,21 +280,74 @@ def training_arguments(config: TrainConfig, **overrides) -> TrainingArguments:
     if settings.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in settings:
         # Non-reentrant checkpointing lets gradients reach LoRA weights behind frozen embeddings.
         settings["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    known = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    hints = typing.get_type_hints(TrainingArguments)
     for name, value in settings.items():
         if name not in known:
             raise config.error(f"training.{name}", "not a field of transformers.TrainingArguments")
         if name == "output_dir":
             raise config.error("training.output_dir", "give the output directory as the top-level 'output_dir'")
-        if isinstance(value, str) and known[name].type in (float, "float"):
-            try:
-                settings[name] = float(value)
-            except ValueError:
-                raise config.error(f"training.{name}", f"expected a number, got {value!r}") from None
+        settings[name] = _training_value(config, name, value, hints[name])
+    _check_training_values(config, settings)
     try:
-        return TrainingArguments(output_dir=config.output_dir, **settings)
+        args = TrainingArguments(output_dir=config.output_dir, **settings)
     except (ValueError, TypeError) as error:
         raise config.error("training", " ".join(str(error).split())) from None
+    from transformers.integrations import get_available_reporting_integrations
+
+    installed = get_available_reporting_integrations()
+    missing = [name for name in args.report_to if name not in installed]
+    if missing:
+        raise config.error(
+            "training.report_to", f"{missing[0]} is not installed (installed: {', '.join(installed) or 'none'})"
+        )
+    return args
+
+
+def _training_value(config: TrainConfig, name: str, value, hint):
+    """`value` checked against a `TrainingArguments` field of type int, float or bool (optional or not); floats may
+    be written as strings (YAML reads `3e-4` as one) and must be finite."""
+    options = set(hint.__args__) if isinstance(hint, types.UnionType) else {hint}
+    if value is None and type(None) in options:
+        return value
+    if options - {type(None)} == {int} and (not isinstance(value, int) or isinstance(value, bool)):
+        raise config.error(f"training.{name}", f"expected an integer, got {value!r:.60}")
+    if options - {type(None)} == {bool} and not isinstance(value, bool):
+        raise config.error(f"training.{name}", f"expected true or false, got {value!r:.60}")
+    if float in options and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise config.error(f"training.{name}", f"expected a number, got {value!r:.60}") from None
+        if not math.isfinite(number):
+            raise config.error(f"training.{name}", f"expected a finite number, got {value!r:.60}")
+        return number
+    return value
+
+
+def _check_training_values(config: TrainConfig, settings: dict) -> None:
+    """The ranges `TrainingArguments` leaves to the Trainer, and evaluation settings that need an evaluation split."""
+    minimums = {
+        "per_device_train_batch_size": 1,
+        "per_device_eval_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "warmup_steps": 0,
+        "weight_decay": 0,
+    }
+    for name, minimum in minimums.items():
+        if name in settings and settings[name] < minimum:
+            raise config.error(f"training.{name}", f"must be at least {minimum}, got {settings[name]}")
+    for name in ("learning_rate", "num_train_epochs"):
+        if name in settings and settings[name] <= 0:
+            raise config.error(f"training.{name}", f"must be positive, got {settings[name]}")
+    if "max_steps" in settings and settings["max_steps"] != -1 and settings["max_steps"] < 1:
+        raise config.error(
+            "training.max_steps", f"must be at least 1 (or -1: num_train_epochs), got {settings['max_steps']}"
+        )
+    if not config.data.eval_split:
+        for name in ("eval_strategy", "load_best_model_at_end", "metric_for_best_model"):
+            if settings.get(name) not in (None, False, "no"):
+                raise config.error(f"training.{name}", "needs an evaluation split: set data.eval_split")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -395,8 +483,18 @@ class VLTPTrainer(Trainer):
     batches come from `eval_data_collator` (teacher-forced validation answer, targets kept) when given.
     """
 
-    def __init__(self, *args, losses, input_names, prune_rates, eval_data_collator=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        losses,
+        input_names,
+        prune_rates,
+        eval_data_collator=None,
+        run_record: Path | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.run_record = run_record
         self.eval_data_collator = eval_data_collator
         self.losses = tuple(losses)
         self.input_names = tuple(input_names)
@@ -426,6 +524,36 @@ class VLTPTrainer(Trainer):
         model_inputs = {name: inputs[name] for name in self.input_names if name in inputs}
         return model(**model_inputs, prune_rates=self.prune_rates)
 
+    def _save_checkpoint(self, model, trial):
+        """With a `run_record`, list each checkpoint's files there once its save is complete, and rotate
+        (`save_total_limit`) only the checkpoints listed, deleting only the files listed: checkpoints of other runs,
+        and files others put into this run's, are never deleted."""
+        if self.run_record is None:
+            return super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        before = _file_stamps(folder)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if not self.args.should_save:
+            return
+        record = json.loads(self.run_record.read_text())
+        written = [name for name, stamp in _file_stamps(folder).items() if before.get(name) != stamp]
+        record["checkpoints"][folder.name] = sorted(written)
+        own = sorted(record["checkpoints"], key=lambda name: _checkpoint_step(Path(name)))
+        best = self.state.best_model_checkpoint
+        keep = {own[-1]} | ({Path(best).name} if best else set())
+        excess = len(own) - max(limit, len(keep)) if limit and limit > 0 else 0
+        for name in own:
+            if excess <= 0:
+                break
+            if name not in keep:
+                _delete_written(folder.parent / name, record["checkpoints"].pop(name))
+                excess -= 1
+        self.run_record.write_text(json.dumps(record, indent=2))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = self._forward(model, inputs)
         loss = self.weighted_loss(outputs)
@@ -440,6 +568,29 @@ class VLTPTrainer(Trainer):
             return loss, None, None
         overlaps = mask_overlaps(self.processing_class, outputs.pred_masks, outputs.seg_sample_indices, inputs)
         return loss, overlaps.to(loss.device), inputs["task_ids"]
+
+
+def _file_stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file under `folder`, by relative path."""
+    if not folder.is_dir():
+        return {}
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+
+
+def _delete_written(folder: Path, files: list[str]) -> None:
+    """Delete the listed files of a rotated checkpoint, then its emptied folders; keep anything else."""
+    for name in files:
+        (folder / name).unlink(missing_ok=True)
+    for directory in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [folder]:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+    if folder.exists():
+        others = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        logger.warning(f"kept {folder} (save_total_limit): it holds files this run did not write: {', '.join(others)}")
 
 
 @dataclass
@@ -502,13 +653,29 @@ def prepare_stage1_model(model: VLTPForTaskSegmentation, processor: VLTPProcesso
     return get_peft_model(model, peft_config)
 
 
+@contextlib.contextmanager
+def outside_deepspeed():
+    """Build models as plain modules while transformers' DeepSpeed config is active: under ZeRO-3, `from_pretrained`
+    would otherwise build them inside `zero.Init`, a collective that hangs when one process builds alone (the
+    export and the `[SEG]`-cache pass run on the main process only)."""
+    from transformers.integrations import deepspeed
+
+    active = deepspeed._hf_deepspeed_config_weak_ref
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = active
+
+
 def merge_stage1(base_model: str, adapter_dir: str, output_dir: str) -> VLTPForTaskSegmentation:
     """Load `base_model`, apply the stage-1 adapter of `adapter_dir`, merge it and save the plain VLTP checkpoint and
     the processor to `output_dir` (as LISA's merge script does)."""
     from peft import PeftModel
 
-    model = VLTPForTaskSegmentation.from_pretrained(base_model)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    with outside_deepspeed():  # a plain model: peft's ZeRO-3 code paths must not apply to it either
+        model = VLTPForTaskSegmentation.from_pretrained(base_model)
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     VLTPProcessor.from_pretrained(base_model).save_pretrained(output_dir)
     return merged
@@ -517,11 +684,14 @@ def merge_stage1(base_model: str, adapter_dir: str, output_dir: str) -> VLTPForT
 def train_stage1(config: TrainConfig, callbacks=None) -> TrainSummary:
     """Stage 1 from a checked `TrainConfig` (see [`check_config`]); writes the merged model to `config.output_dir`."""
     start = time.monotonic()
-    train_set, eval_set = check_config(config)
+    train_set, eval_set, record = check_config(config)
     args = training_arguments(config)
-    set_seed(args.seed)
+    record_path = _start_run(config, args, record)
     processor = VLTPProcessor.from_pretrained(config.model)
-    model = prepare_stage1_model(VLTPForTaskSegmentation.from_pretrained(config.model), processor, config.lora)
+    model = VLTPForTaskSegmentation.from_pretrained(config.model)
+    # Seeded right before LoRA's initialisation: under ZeRO-3, building the model inside `zero.Init` uses the RNG.
+    set_seed(args.seed)
+    model = prepare_stage1_model(model, processor, config.lora)
     dense = [0.0] * len(model.config.vision_config.prune_layers)
     trainer = VLTPTrainer(
         model=model,
@@ -536,6 +706,7 @@ def train_stage1(config: TrainConfig, callbacks=None) -> TrainSummary:
         losses=STAGE1_LOSSES,
         input_names=STAGE1_INPUTS,
         prune_rates=dense,
+        run_record=record_path,
     )
     return _run(
         trainer,
@@ -614,25 +785,47 @@ def load_seg_cache(path) -> DatasetDict:
     return cache
 
 
-def _check_seg_cache(config: TrainConfig, vltp_config: VLTPConfig):
+def seg_cache_info(config: TrainConfig) -> dict:
+    """What a `[SEG]` cache for `config` holds: the model's LLaVA side (fingerprinted: stage 2 never changes it, so a
+    cache built from a stage-1 output serves that output's stage-2 runs too), the data settings and the splits."""
+    model = Path(config.model)
+    vltp_config = json.loads((model / "config.json").read_text())
+    data = dataclasses.asdict(config.data)
+    if not config.data.eval_split:
+        del data["eval_split"], data["max_eval_samples"]
+    return {
+        "guidance_dim": vltp_config["vision_config"]["guidance_dim"],
+        "model": str(model),
+        "llava_fingerprint": hashlib.sha256(
+            json.dumps(vltp_config["llava_config"], sort_keys=True).encode()
+        ).hexdigest()
+        + weights_fingerprint(model, ("llava.", "text_hidden_fcs.")),
+        "data": data,
+        "data_fingerprint": data_fingerprint(config.data),
+    }
+
+
+def _check_seg_cache(config: TrainConfig) -> None:
+    """An existing `seg_cache` must have been built for this config's LLaVA side and data; say what differs."""
     path = Path(config.seg_cache)
-    info_file = path / _SEG_CACHE_INFO
-    if not info_file.is_file():
+    stored = _read_record(path / _SEG_CACHE_INFO)
+    if stored is None:
         raise config.error(
             "seg_cache",
-            f"{path} exists but is not a [SEG] cache (no {_SEG_CACHE_INFO}); delete it or name another folder",
+            f"{path} exists but is not a [SEG] cache (no readable {_SEG_CACHE_INFO}); delete it or name another "
+            "folder",
         )
-    info = json.loads(info_file.read_text())
-    if info.get("guidance_dim") != vltp_config.vision_config.guidance_dim:
+    wanted = seg_cache_info(config)
+    if "eval_split" not in wanted["data"]:
+        for name in ("eval_split", "max_eval_samples"):
+            stored.get("data", {}).pop(name, None)
+    differences = record_differences(stored, wanted)
+    if differences:
         raise config.error(
             "seg_cache",
-            f"{path} holds {info.get('guidance_dim')}-d embeddings but the model's guidance_dim is "
-            f"{vltp_config.vision_config.guidance_dim}",
+            f"{path} was built for other settings (from {stored.get('model')}): {'; '.join(differences[:4])}; "
+            "delete it to rebuild it, or name another folder",
         )
-    wanted = ["train"] + (["eval"] if config.data.eval_split else [])
-    missing = [split for split in wanted if split not in info.get("splits", {})]
-    if missing:
-        raise config.error("seg_cache", f"{path} has no '{missing[0]}' split; delete it to rebuild it")
 
 
 def write_back_segmenter(
@@ -665,15 +858,16 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
     """Stage 2 from a checked `TrainConfig`: builds the `[SEG]` cache when absent (the only time LLaVA is loaded),
     trains [`VLTPSamSegmenter`] at `config.prune_rates` and writes the full checkpoint to `config.output_dir`."""
     start = time.monotonic()
-    splits = check_config(config)
+    *splits, record = check_config(config)
     args = training_arguments(config)
+    record_path = _start_run(config, args, record)
     processor = VLTPProcessor.from_pretrained(config.model)
     with args.main_process_first(desc="[SEG] cache"):
         if not Path(config.seg_cache).exists():
-            model = VLTPForTaskSegmentation.from_pretrained(config.model).to(args.device)
+            with outside_deepspeed():
+                model = VLTPForTaskSegmentation.from_pretrained(config.model).to(args.device)
             datasets = {name: split for name, split in zip(("train", "eval"), splits) if split is not None}
-            sources = {"train": config.data.train_split, "eval": config.data.eval_split}
-            info = {"model": config.model, "splits": {name: sources[name] for name in datasets}}
+            info = seg_cache_info(config)
             build_seg_cache(model, processor, datasets, config.seg_cache, config.cache_batch_size, info)
             del model
             gc.collect()
@@ -697,10 +891,12 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
         losses=STAGE2_LOSSES,
         input_names=STAGE2_INPUTS,
         prune_rates=rates,
+        run_record=record_path,
     )
 
     def export(trained_dir):
-        trained = VLTPSamSegmenter.from_pretrained(trained_dir)
+        with outside_deepspeed():
+            trained = VLTPSamSegmenter.from_pretrained(trained_dir)
         write_back_segmenter(trained, config.model, config.output_dir, rates, processor)
 
     return _run(trainer, config, rates, start, "segmenter", export)
@@ -711,22 +907,22 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None]:
+def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, dict]:
     """Check everything a run needs before anything is written, raising [`TrainingInputError`]: the model checkpoint,
-    the settings, the data (loaded and validated) and, in stage 2, the `[SEG]` cache. Returns the training and
-    evaluation splits (both `None` in stage 2 when the cache exists, since the data is then not read)."""
+    the output folder, the settings, the run to resume, the data (loaded and validated) and, in stage 2, the `[SEG]`
+    cache. Returns the training and evaluation splits (both `None` in stage 2 when the cache exists, since the data
+    is then not read) and the run's [`run_record`]; `resume_from_checkpoint: true` is resolved to a checkpoint."""
     model_dir = Path(config.model)
-    if not (model_dir / "config.json").is_file() or not any(model_dir.glob("*.safetensors")):
-        what = "stage-1 checkpoint (the output of `vltp train --stage 1`)" if config.stage == 2 else "VLTP checkpoint"
-        raise config.error("model", f"{model_dir} is not a {what}: no config.json and *.safetensors there")
+    what = "stage-1 checkpoint (the output of `vltp train --stage 1`)" if config.stage == 2 else "VLTP checkpoint"
     try:
-        vltp_config = VLTPConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
-        raise config.error("model", f"cannot read {model_dir / 'config.json'}: {error}") from None
-    if getattr(vltp_config, "model_type", None) != VLTPConfig.model_type:
-        raise config.error("model", f"{model_dir} holds a {vltp_config.model_type!r} model, not a VLTP checkpoint")
+        vltp_config = read_vltp_config(model_dir)
+    except ValueError as error:
+        raise config.error("model", str(error).replace("a VLTP checkpoint", f"a {what}")) from None
+    if not any(model_dir.glob("*.safetensors")):
+        raise config.error("model", f"{model_dir} is not a {what}: no *.safetensors there")
     if Path(config.output_dir).resolve() == model_dir.resolve():
         raise config.error("output_dir", "must differ from 'model', which the run reads")
+    _check_output_dir(config)
     if config.data.format not in ("rio", "coco_tasks"):
         raise config.error("data.format", f"expected 'rio' or 'coco_tasks', got {config.data.format!r}")
     for name in ("annotations", "images"):
@@ -734,6 +930,8 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None]:
             raise config.error(f"data.{name}", f"no such file or folder: {getattr(config.data, name)}")
     if config.lora.r < 1 or config.lora.alpha <= 0 or not 0 <= config.lora.dropout < 1:
         raise config.error("lora", f"need r >= 1, alpha > 0 and dropout in [0, 1), got {config.lora}")
+    if config.stage == 1:
+        _check_lora_targets(config, vltp_config)
     bad_answers = [answer for answer in config.answers if answer.count("[SEG]") != 1]
     if not config.answers or bad_answers:
         raise config.error("answers", f"every answer needs exactly one [SEG], got {bad_answers or config.answers}")
@@ -754,27 +952,247 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None]:
             raise config.error(
                 "seg_cache", "missing: stage 2 needs the folder of the [SEG] cache (built there when absent)"
             )
-    _check_resume(config)
     training_arguments(config)
+    record = run_record(config)
+    _check_resume(config, record)
 
     if config.stage == 2 and Path(config.seg_cache).exists():
-        _check_seg_cache(config, vltp_config)
-        return None, None
+        _check_seg_cache(config)
+        return None, None, record
     train_set = load_split(config.data, config.data.train_split, config.data.max_train_samples, config.source)
     eval_set = None
     if config.data.eval_split:
         eval_set = load_split(config.data, config.data.eval_split, config.data.max_eval_samples, config.source)
-    return train_set, eval_set
+    return train_set, eval_set, record
 
 
-def _check_resume(config: TrainConfig):
+def read_vltp_config(path) -> VLTPConfig:
+    """The `VLTPConfig` of a local checkpoint folder; `ValueError` with a one-line reason when `path` does not exist,
+    has no config.json, or holds another model type (read from config.json before the config is built, since another
+    model's config can fail VLTP's own checks first)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not a VLTP checkpoint: no config.json there")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{config_file} is not a JSON object of settings") from None
+    if model_type != VLTPConfig.model_type:
+        raise ValueError(f"{path} holds a {model_type!r} model, not a VLTP checkpoint")
+    try:
+        return VLTPConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {config_file}: {' '.join(str(error).split())}") from None
+
+
+def _check_output_dir(config: TrainConfig) -> None:
+    """`output_dir` must be a folder that is empty or absent, unless the run resumes there or overwrites it."""
+    output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise config.error("output_dir", f"{output} is a file, not a folder")
+    ancestor = next(folder for folder in (output, *output.parents) if folder.exists())
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise config.error("output_dir", f"cannot write to {ancestor}")
+    contents = sorted(entry.name for entry in output.iterdir()) if output.is_dir() else []
+    if contents and not config.overwrite_output_dir and _resume_dir(config) != output.resolve():
+        shown = ", ".join(contents[:3]) + (", ..." if len(contents) > 3 else "")
+        raise config.error(
+            "output_dir",
+            f"{output} is not empty (it holds {shown}): give --resume to continue its run, --overwrite "
+            "(overwrite_output_dir: true) to start a new run there, or another folder",
+        )
+
+
+def _resume_dir(config: TrainConfig) -> Path | None:
+    """The folder of the run `resume_from_checkpoint` continues, resolved."""
     resume = config.resume_from_checkpoint
-    if resume is True:
-        output = Path(config.output_dir)
-        if not any(output.glob("checkpoint-*")):
-            raise config.error("resume_from_checkpoint", f"no checkpoint-* folder in {output} to resume from")
-    elif isinstance(resume, str) and not Path(resume).is_dir():
+    if not resume:
+        return None
+    return Path(config.output_dir).resolve() if resume is True else Path(resume).resolve().parent
+
+
+def _check_lora_targets(config: TrainConfig, vltp_config: VLTPConfig) -> None:
+    """Every `lora.target_modules` entry must name linear layers of the language model (built on the meta device)."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        language_model = AutoModel.from_config(vltp_config.llava_config.text_config)
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, module in language_model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    unknown = [name for name in config.lora.target_modules if name not in linear]
+    if unknown or not config.lora.target_modules:
+        raise config.error(
+            "lora.target_modules",
+            f"no linear layer {unknown[0] if unknown else '(empty list)'!r} in the language model "
+            f"(its linear layers: {', '.join(sorted(linear))})",
+        )
+
+
+def _sha256_files(files) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as stream:
+            _digest_stream(digest, stream)
+    return digest.hexdigest()
+
+
+def _digest_stream(digest, stream, length: int | None = None) -> None:
+    """Feed `length` bytes of `stream` (the rest when `None`) into `digest`, 16 MiB at a time."""
+    while length is None or length > 0:
+        chunk = stream.read(1 << 24 if length is None else min(length, 1 << 24))
+        if not chunk:
+            break
+        digest.update(chunk)
+        if length is not None:
+            length -= len(chunk)
+
+
+def data_fingerprint(data: DataSettings) -> str:
+    """sha256 of the annotation file(s) the loaders read (every `*.json` of an annotation folder)."""
+    path = Path(data.annotations)
+    return _sha256_files(sorted(path.glob("*.json")) if path.is_dir() else [path])
+
+
+def weights_fingerprint(model_dir, prefixes: tuple[str, ...] = ("",)) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the tensors of a safetensors checkpoint whose names start
+    with one of `prefixes`, read from the files' headers and data without building the model."""
+    entries = []
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(file, "rb") as stream:
+            size = struct.unpack("<Q", stream.read(8))[0]
+            header = json.loads(stream.read(size))
+        entries += [(name, file, 8 + size, spec) for name, spec in header.items() if name.startswith(prefixes)]
+    digest = hashlib.sha256()
+    for name, file, start, spec in sorted(entries, key=lambda entry: entry[0]):
+        if name == "__metadata__":
+            continue
+        begin, end = spec["data_offsets"]
+        digest.update(f"{name}:{spec['dtype']}:{spec['shape']}:".encode())
+        with open(file, "rb") as stream:
+            stream.seek(start + begin)
+            _digest_stream(digest, stream, end - begin)
+    return digest.hexdigest()
+
+
+def run_record(config: TrainConfig) -> dict:
+    """What a run is started with: its settings (flattened), the stage, and fingerprints of the model (config and
+    weights) and of the annotation data. A run resumes only when these match (see [`RESUMABLE_SETTINGS`])."""
+    settings = json.loads(json.dumps(dataclasses.asdict(config)))
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and key in ("data", "lora", "training"):
+            flat.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    model = Path(config.model)
+    return {
+        "settings": {key: value for key, value in flat.items() if key not in RESUMABLE_SETTINGS},
+        "model": str(model),
+        "model_fingerprint": _sha256_files([model / "config.json"]) + weights_fingerprint(model),
+        "data_fingerprint": data_fingerprint(config.data),
+        "checkpoints": {},
+    }
+
+
+_FINGERPRINTS = {
+    "model_fingerprint": "the model's config or weights differ",
+    "llava_fingerprint": "the model's LLaVA side (weights, config, text_hidden_fcs) differs",
+    "data_fingerprint": "the annotation files differ",
+}
+
+
+def record_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """What differs between two run records (or two [`seg_cache_info`]s), one short phrase per difference; the
+    model's path and the list of checkpoints are left out (the model's fingerprint is compared instead)."""
+    differences = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key), new.get(key)
+        if key in ("checkpoints", "model") or before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            differences += record_differences(before, after, "" if key == "settings" else f"{prefix}{key}.")
+        else:
+            differences.append(_FINGERPRINTS.get(key) or f"{prefix}{key} {before!r:.40} -> {after!r:.40}")
+    return differences
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _checkpoint_step(path: Path) -> int:
+    suffix = path.name.rpartition("-")[2]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _check_resume(config: TrainConfig, record: dict) -> None:
+    """Resolve `resume_from_checkpoint` to a complete checkpoint of the same run: `True` takes the last checkpoint
+    the run record lists as complete, naming those skipped (a save interrupted by a crash, or not this run's)."""
+    resume = config.resume_from_checkpoint
+    if not resume:
+        return
+    run_dir = _resume_dir(config)
+    if isinstance(resume, str) and not Path(resume).is_dir():
         raise config.error("resume_from_checkpoint", f"no such checkpoint folder: {resume}")
+    if resume is True and not any(run_dir.glob("checkpoint-*")):
+        raise config.error("resume_from_checkpoint", f"no checkpoint-* folder in {run_dir} to resume from")
+    stored = _read_record(run_dir / RUN_RECORD)
+    if stored is None:
+        raise config.error(
+            "resume_from_checkpoint", f"{run_dir} has no readable {RUN_RECORD}: it is not a run of `vltp train`"
+        )
+    differences = record_differences(stored, record)
+    if differences:
+        raise config.error(
+            "resume_from_checkpoint",
+            f"{run_dir} holds a different run (started from {stored.get('model')}): {'; '.join(differences[:4])}"
+            + (f" (and {len(differences) - 4} more)" if len(differences) > 4 else ""),
+        )
+    complete = stored.get("checkpoints", {})
+    if isinstance(resume, str):
+        if Path(resume).name not in complete:
+            raise config.error("resume_from_checkpoint", f"{resume} is incomplete: its save did not finish")
+        return
+    folders = sorted((path for path in run_dir.glob("checkpoint-*") if path.is_dir()), key=_checkpoint_step)
+    usable = [path for path in folders if path.name in complete]
+    if not usable:
+        raise config.error(
+            "resume_from_checkpoint",
+            f"no complete checkpoint in {run_dir} ({', '.join(p.name for p in folders)} incomplete)",
+        )
+    skipped = [path.name for path in folders if _checkpoint_step(path) > _checkpoint_step(usable[-1])]
+    if skipped:
+        logger.warning(
+            f"resuming from {usable[-1].name}; skipped {', '.join(skipped)}: incomplete (a save that did not finish) "
+            "or not written by this run"
+        )
+    config.resume_from_checkpoint = str(usable[-1])
+
+
+def _start_run(config: TrainConfig, args: TrainingArguments, record: dict) -> Path:
+    """After every process has checked the config, the main process writes the run record into `output_dir` (a
+    resumed run keeps its own, with its list of complete checkpoints). Returns the record's path."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()
+    path = Path(config.output_dir) / RUN_RECORD
+    resumed_here = _resume_dir(config) == Path(config.output_dir).resolve()
+    if state.is_main_process and not resumed_here:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2))
+    state.wait_for_everyone()
+    return path
 
 
 def _run(trainer: VLTPTrainer, config: TrainConfig, rates, start: float, trained_name: str, export) -> TrainSummary:
@@ -855,17 +1273,24 @@ __all__ = [
     "VLTPTrainer",
     "build_seg_cache",
     "check_config",
+    "data_fingerprint",
     "evaluate_rates",
     "load_seg_cache",
     "load_split",
     "mask_overlaps",
     "merge_stage1",
+    "outside_deepspeed",
     "prepare_stage1_model",
+    "read_vltp_config",
+    "record_differences",
+    "run_record",
+    "seg_cache_info",
     "seg_embeddings",
     "train",
     "train_stage1",
     "train_stage2",
     "training_arguments",
     "vision_gmacs",
+    "weights_fingerprint",
     "write_back_segmenter",
 ]

@@ -21,26 +21,20 @@ def overlay_mask(image: Image.Image, mask: torch.Tensor, alpha: float = 0.5) -> 
 
 
 def pruning_map(
-    image: Image.Image, kept_token_maps: list[torch.Tensor], encoder_image_size: int, labels: list[str] | None = None
+    image: Image.Image, kept_token_maps: list[torch.Tensor], labels: list[str] | None = None
 ) -> Image.Image:
     """One panel per pruning stage: the image with the tokens that stage froze darkened and the kept ones clear.
 
-    `kept_token_maps` are (grid, grid) boolean maps over the encoder's padded square input, in which the image was
-    resized to longest side `encoder_image_size`; the maps are drawn back onto the image's own pixels.
+    `kept_token_maps` are (grid, grid) boolean maps over the encoder's padded square input, whose top-left the image
+    fills along its longest side; the maps are drawn back onto the image's own pixels (any size, 1x1 included).
     """
     image = image.convert("RGB")
     width, height = image.size
-    scale = encoder_image_size / max(width, height)
+    frame = max(width, height)  # the encoder's square input, in the image's pixels
     panels = []
     for stage, kept in enumerate(kept_token_maps):
-        grid = kept.shape[-1]
-        token_size = encoder_image_size / grid / scale  # side of one token in the image's pixels
-        shade = Image.new("L", image.size, 0)
-        draw = ImageDraw.Draw(shade)
-        for row, col in (~kept.cpu()).nonzero().tolist():
-            draw.rectangle(
-                [col * token_size, row * token_size, (col + 1) * token_size - 1, (row + 1) * token_size - 1], fill=170
-            )
+        frozen = Image.fromarray((~kept.cpu()).numpy().astype(np.uint8) * 170, mode="L")
+        shade = frozen.resize((frame, frame), Image.Resampling.NEAREST).crop((0, 0, width, height))
         panel = Image.composite(Image.new("RGB", image.size, (0, 0, 0)), image, shade)
         label = labels[stage] if labels else f"stage {stage + 1}: kept {int(kept.sum())}/{kept.numel()}"
         ImageDraw.Draw(panel).text((4, 4), label, fill=(255, 255, 0))

@@ -99,10 +99,10 @@ def test_overlay_tints_only_the_mask():
 
 
 def test_pruning_map_draws_one_panel_per_stage_on_the_image_pixels():
-    image = Image.fromarray(np.full((64, 128, 3), 200, dtype=np.uint8))  # resized to 128 x 256 in a 256 frame
+    image = Image.fromarray(np.full((64, 128, 3), 200, dtype=np.uint8))  # fills the top half of the square frame
     kept = torch.zeros(4, 4, dtype=torch.bool)
     kept[0, 0] = True  # the top-left token covers 64 x 64 frame pixels = 32 x 32 image pixels
-    sheet = np.array(pruning_map(image, [kept, ~kept], encoder_image_size=256, labels=["", ""]).convert("L"))
+    sheet = np.array(pruning_map(image, [kept, ~kept], labels=["", ""]).convert("L"))
     assert sheet.shape == (64, 2 * 128 + 4)
     first, second = sheet[:, :128], sheet[:, 132:]
     assert (first[:32, :32] == 200).all() and (first[:32, 32:] < 200).all() and (first[32:] < 200).all()
@@ -136,27 +136,77 @@ def test_segment_runs_as_a_command(tmp_path, world, model_dir):
     [
         (["segment", "{missing_image}", "task", "--model", "{model}"], "cannot read image .*no such file"),
         (["segment", "{not_an_image}", "task", "--model", "{model}"], "cannot read image"),
-        (["segment", "{image}", "task", "--model", "{missing_model}"], "cannot load model"),
-        (["segment", "{image}", "task", "--model", "{model}", "--prune-rates", "1.5"], r"prune_rates must each be"),
-        (["segment", "{image}", "task", "--model", "{model}", "--out", "{bad_dir}/m.png"], "cannot write the mask"),
+        (["segment", "{bomb}", "task", "--model", "{model}"], "cannot read image .*exceeds limit"),
+        (["segment", "{strip}", "task", "--model", "{model}"], r"is 1x5000: too elongated"),
+        (["segment", "{image}", "task", "--model", "{missing_model}"], "cannot load model .*no-model does not exist"),
+        (["segment", "{image}", "task", "--model", "./no-model"], "cannot load model './no-model': no-model does not"),
+        (["segment", "{image}", "task", "--model", "{sam}"], "holds a 'sam' model, not a VLTP checkpoint"),
+        (["segment", "{image}", "task", "--model", "{model}", "--prune-rates", "2.0"], r"--prune-rates must each be"),
+        (["segment", "{image}", "task", "--model", "{model}", "--prune-rates", "0.5,0.5"], r"one rate per pruning"),
+        (
+            ["segment", "{image}", "task", "--model", "{model}", "--out", "{bad_dir}/m.png"],
+            "cannot write --out .*no folder",
+        ),
+        (["segment", "{image}", "task", "--model", "{model}", "--out", "{tmp}"], "--out .* is a folder"),
+        (["segment", "{image}", "task", "--model", "{model}", "--out", "{image}"], "--out .* is the input image"),
+        (
+            ["segment", "{image}", "task", "--model", "{model}", "--overlay", "{tmp}/o.txt"],
+            "unknown image file extension",
+        ),
+        (
+            ["segment", "{image}", "task", "--model", "{model}", "--overlay", "mask.png"],
+            "--overlay and --out both name",
+        ),
     ],
 )
-def test_bad_input_gives_one_line_and_a_non_zero_status(tmp_path, world, model_dir, capsys, arguments, message):
+def test_bad_input_gives_one_line_and_a_non_zero_status(
+    tmp_path, world, model_dir, capsys, monkeypatch, arguments, message
+):
+    """Every argument is checked before the model is built (LLaVA may not even be constructed), and nothing is
+    written."""
+    from test_training import sam_checkpoint
+    from transformers import LlavaForConditionalGeneration
+
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
+    Image.new("1", (15000, 15000)).save(tmp_path / "bomb.png")  # over PIL's decompression-bomb limit
+    Image.new("RGB", (1, 5000)).save(tmp_path / "strip.png")
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(first_image(world).read_bytes())
     values = dict(
         missing_image=tmp_path / "nope.jpg",
         not_an_image=not_an_image,
+        bomb=tmp_path / "bomb.png",
+        strip=tmp_path / "strip.png",
         model=model_dir,
         missing_model=tmp_path / "no-model",
-        image=first_image(world),
+        sam=sam_checkpoint(tmp_path / "sam") if "{sam}" in arguments else None,
+        image=image,
         bad_dir=tmp_path / "no" / "dir",
+        tmp=tmp_path,
     )
+    before = sorted(tmp_path.rglob("*"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "__init__", no_model)
+    monkeypatch.chdir(tmp_path)
     status = main([a.format(**values) for a in arguments])
     error = capsys.readouterr().err
     last_line = error.strip().splitlines()[-1]
     assert status == 1 and "Traceback" not in error
     assert last_line.startswith("vltp: error: ") and re.search(message, last_line), error
+    assert sorted(tmp_path.rglob("*")) == before and image.read_bytes() == first_image(world).read_bytes()
+
+
+def test_segment_draws_the_pruning_map_of_a_one_pixel_image(tmp_path, capsys):
+    """The built-in demo answers with [SEG] here, so the map has a panel, drawn from tokens larger than the image."""
+    Image.new("RGB", (1, 1), (90, 30, 200)).save(tmp_path / "dot.png")
+    arguments = ["segment", str(tmp_path / "dot.png"), "dig a hole", "--prune-rates", "0.5"]
+    assert main(arguments + ["--out", str(tmp_path / "m.png"), "--show-pruning", str(tmp_path / "p.png")]) == 0
+    assert "pruning: after layer" in capsys.readouterr().out
+    assert Image.open(tmp_path / "m.png").size == (1, 1) and Image.open(tmp_path / "p.png").size == (1, 1)
 
 
 def test_offline_hub_is_one_line(world):

@@ -26,7 +26,9 @@ from modeling_vltp.training import (
     VLTPDataCollator,
     load_seg_cache,
     mask_overlaps,
+    merge_stage1,
     prepare_stage1_model,
+    run_record,
     train,
     vision_gmacs,
 )
@@ -180,6 +182,29 @@ def test_stage1_with_gradient_checkpointing_and_bf16_trains_lora(world, base_mod
     assert summary.global_step == 1 and not torch.equal(before[name], after[name])
 
 
+def test_the_main_process_builds_its_models_outside_deepspeed_zero3(base_model, stage1, tmp_path):
+    """Issue 14.1: under ZeRO-3, `from_pretrained` on the main process alone (merging stage 1's adapter, the [SEG]
+    cache, stage 2's export) builds inside `zero.Init` and hangs. With a ZeRO-3 config active (a stand-in for
+    transformers' `HfDeepSpeedConfig`: deepspeed is not installed here, so a build inside `zero.Init` fails at once
+    instead of hanging), the merge builds a plain model and leaves the config active for the Trainer."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    class ZeRO3Config:
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    active = ZeRO3Config()
+    hf_deepspeed.set_hf_deepspeed_config(active)
+    try:
+        merge_stage1(str(base_model), str(stage1[0] / "adapter"), str(tmp_path / "merged"))
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    torch.testing.assert_close(weights(tmp_path / "merged"), weights(stage1[0]), rtol=0, atol=0)
+
+
 def test_seg_cache_holds_the_models_seg_embeddings(world, stage1, stage2):
     cache = load_seg_cache(stage2[1])
     assert len(cache["train"]) == 12 and len(cache["eval"]) == 6
@@ -240,6 +265,33 @@ def test_rate_change_finetunes_from_the_previous_rates_checkpoint(world, stage2,
     )
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c, base: c.update(model=str(base)),
+            r"the model's LLaVA side \(weights, config, text_hidden_fcs\) differs",
+        ),
+        (lambda c, base: c["data"].update(eval_split="train"), "data.eval_split 'common' -> 'train'"),
+        (lambda c, base: c["data"].update(max_train_samples=4), "data.max_train_samples None -> 4"),
+    ],
+)
+def test_a_seg_cache_built_for_other_settings_is_refused(
+    world, base_model, stage1, stage2, tmp_path, capsys, edit, message
+):
+    """Issue 15.4: the cache of stage 1's model and RIO train/common is not reused for another LLaVA or other data
+    (a stage-2 output of the same stage-1 model does reuse it: see the rate-change test)."""
+    config = stage2_settings(world, stage1[0], tmp_path / "out", stage2[1])
+    edit(config, base_model)
+    path = write_yaml(tmp_path / "config.yaml", config)
+    assert main(["train", "--stage", "2", "--config", str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "field 'seg_cache'" in error and "was built for other settings" in error and re.search(message, error), (
+        error
+    )
+    assert not (tmp_path / "out").exists()
+
+
 class StopAt(TrainerCallback):
     """Ends training after `step` optimizer steps, as an interruption would (the checkpoint of that step is saved)."""
 
@@ -253,7 +305,7 @@ class StopAt(TrainerCallback):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(world, stage1, stage2, tmp_path, stage):
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(world, stage1, stage2, tmp_path, caplog, stage):
     checkpoints = {"save_strategy": "steps", "save_steps": 2}
 
     def config(output, **extra):
@@ -266,9 +318,81 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(world, stage1, st
     train(config(tmp_path / "straight"))
     interrupted = train(config(tmp_path / "resumed"), callbacks=[StopAt(2)])
     assert interrupted.global_step == 2 and (tmp_path / "resumed" / "checkpoint-2").is_dir()
-    resumed = train(config(tmp_path / "resumed", resume_from_checkpoint=True))
+    # A crash during the next save left a checkpoint folder with one file: resume from checkpoint-2 and say so.
+    (tmp_path / "resumed" / "checkpoint-3").mkdir()
+    (tmp_path / "resumed" / "checkpoint-3" / "README.md").write_text("")
+    with caplog.at_level("WARNING", logger="modeling_vltp.training"):
+        resumed = train(config(tmp_path / "resumed", resume_from_checkpoint=True))
+    assert "resuming from checkpoint-2; skipped checkpoint-3: incomplete" in caplog.text
     assert resumed.global_step == 4
     torch.testing.assert_close(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"training": {"learning_rate": 1e-3}}, "training.learning_rate 0.005 -> 0.001"),
+        ({"data": {"max_train_samples": 6}}, "data.max_train_samples None -> 6"),
+        ({"annotations": "edited"}, "the annotation files differ"),
+        ({"model": "base"}, "the model's config or weights differ"),
+    ],
+)
+def test_resume_refuses_a_different_run_and_says_what_differs(
+    world, base_model, stage1, tmp_path, capsys, change, message
+):
+    """A run folder whose checkpoint came from other settings, data or model is not continued."""
+    run = tmp_path / "run"
+    original = settings(world, stage1[0], run)
+    run.mkdir()
+    (run / "checkpoint-600").mkdir()
+    (run / "vltp_run.json").write_text(json.dumps(run_record(TrainConfig.from_dict(original, stage=1))))
+    config = settings(world, stage1[0], run, training=change.get("training", {}))
+    config["data"].update(change.get("data", {}))
+    if "annotations" in change:
+        edited = json.loads((world / "RIO_train_all_thing.json").read_text())
+        edited[0]["expressions"] = "something else"  # one task sentence of the training split
+        (tmp_path / "edited").mkdir()
+        (tmp_path / "edited" / "RIO_train_all_thing.json").write_text(json.dumps(edited))
+        config["data"]["annotations"] = str(tmp_path / "edited")
+    if "model" in change:
+        config["model"] = str(base_model)
+    path = write_yaml(tmp_path / "config.yaml", config)
+    assert main(["train", "--stage", "1", "--config", str(path), "--resume"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("vltp: error: ") and "holds a different run" in error and message in error, error
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-600", "vltp_run.json"]
+
+
+def test_a_non_empty_output_dir_is_refused_and_overwrite_deletes_only_what_the_run_wrote(
+    world, base_model, tmp_path, capsys
+):
+    """Issue 15.1: an earlier run's folder is kept unless --overwrite; then checkpoint rotation deletes only this
+    run's checkpoints, and only the files it wrote there."""
+    run = tmp_path / "run"
+    (run / "checkpoint-1000").mkdir(parents=True)
+    (run / "checkpoint-1000" / "my_notes.txt").write_text("notes")
+    (run / "model.safetensors").write_text("the earlier run's model")
+    config = settings(world, base_model, run, training={"max_steps": 3, "save_strategy": "steps", "save_steps": 1})
+    config["training"]["save_total_limit"] = 1
+    del config["data"]["eval_split"]
+    path = write_yaml(tmp_path / "config.yaml", config)
+    assert main(["train", "--stage", "1", "--config", str(path)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "field 'output_dir'" in error and "is not empty" in error and "--overwrite" in error, error
+    assert (run / "model.safetensors").read_text() == "the earlier run's model"
+
+    class NoteInto(TrainerCallback):
+        """A user's file put into this run's first checkpoint while the run goes on."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                (run / "checkpoint-1" / "mine.txt").write_text("mine")
+
+    train(TrainConfig.from_dict({**config, "overwrite_output_dir": True}, stage=1), callbacks=[NoteInto()])
+    assert (run / "checkpoint-1000" / "my_notes.txt").read_text() == "notes"
+    assert sorted(p.name for p in (run / "checkpoint-1").iterdir()) == ["mine.txt"]  # the rest was rotated away
+    assert not (run / "checkpoint-2").exists() and (run / "checkpoint-3" / "trainer_state.json").is_file()
+    assert list(json.loads((run / "vltp_run.json").read_text())["checkpoints"]) == ["checkpoint-3"]
 
 
 def test_compute_metrics_agree_with_the_tos_metrics_at_each_images_size():
@@ -380,12 +504,21 @@ def _rio_with_empty_masks(world: Path, target: Path) -> Path:
     return target
 
 
+def sam_checkpoint(target: Path) -> Path:
+    """A saved plain `SamModel` (the conversion tests' tiny SAM)."""
+    from test_conversion import tiny_sam_config
+    from transformers import SamModel
+
+    SamModel(tiny_sam_config()).save_pretrained(target)
+    return target
+
+
 BAD_INPUTS = {
     "missing config": (1, lambda c, t, w: None, "config file not found"),
     "missing model": (
         1,
         lambda c, t, w: c.update(model=str(t / "nowhere")),
-        "field 'model': .* is not a VLTP checkpoint",
+        "field 'model': .*nowhere does not exist",
     ),
     "missing annotations": (
         1,
@@ -421,6 +554,57 @@ BAD_INPUTS = {
     "too many rates": (2, lambda c, t, w: c.update(prune_rates=[0.5, 0.5]), "one rate per pruning stage"),
     "stage 2 without stage-1 checkpoint": (2, lambda c, t, w: c.update(model=str(t)), "is not a stage-1 checkpoint"),
     "stage 2 without SEG cache": (2, lambda c, t, w: c.pop("seg_cache"), "field 'seg_cache': missing"),
+    "max_steps as a string": (
+        1,
+        lambda c, t, w: c["training"].update(max_steps="1"),
+        "'training.max_steps': expected an integer",
+    ),
+    "max_steps 0": (1, lambda c, t, w: c["training"].update(max_steps=0), "'training.max_steps': must be at least 1"),
+    "max_steps -5": (
+        1,
+        lambda c, t, w: c["training"].update(max_steps=-5),
+        "'training.max_steps': must be at least 1",
+    ),
+    "negative learning rate": (
+        1,
+        lambda c, t, w: c["training"].update(learning_rate=-1),
+        "'training.learning_rate': must be positive",
+    ),
+    "NaN learning rate": (
+        1,
+        lambda c, t, w: c["training"].update(learning_rate=float("nan")),
+        "'training.learning_rate': expected a finite number",
+    ),
+    "batch size 0": (
+        1,
+        lambda c, t, w: c["training"].update(per_device_train_batch_size=0),
+        "'training.per_device_train_batch_size': must be at least 1",
+    ),
+    "evaluation without an evaluation split": (
+        1,
+        lambda c, t, w: c["data"].pop("eval_split") and c["training"].update(eval_strategy="steps"),
+        "'training.eval_strategy': needs an evaluation split",
+    ),
+    "unknown LoRA target": (
+        1,
+        lambda c, t, w: c["lora"].update(target_modules=["nonexistent_proj"]),
+        "'lora.target_modules': no linear layer 'nonexistent_proj' in the language model .*q_proj",
+    ),
+    "reporting to a tool that is not installed": (
+        1,
+        lambda c, t, w: c["training"].update(report_to="wandb"),
+        "'training.report_to': wandb is not installed",
+    ),
+    "output_dir is a file": (
+        1,
+        lambda c, t, w: (t / "file").write_text("x") and c.update(output_dir=str(t / "file")),
+        "'output_dir': .*file is a file, not a folder",
+    ),
+    "a plain SAM checkpoint as model": (
+        1,
+        lambda c, t, w: c.update(model=str(sam_checkpoint(t / "sam"))),
+        "'model': .*sam holds a 'sam' model, not a VLTP checkpoint",
+    ),
     "stage 2 with a folder that is no SEG cache": (
         2,
         lambda c, t, w: (t / "junk").mkdir() or c.update(seg_cache=str(t / "junk")),
