@@ -19,7 +19,7 @@ How pruning runs inside SAM's ViT (paper Sec. 4.2-4.4):
 - After the last layer every token is merged back into the grid and SAM's neck runs on the full grid.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +165,16 @@ class _KeptTokens:
     cols: torch.Tensor  # (B, K)
     window_indices: torch.Tensor | None = None  # (B, K) places in SAM's padded grid laid out window by window
     window_key_bias: torch.Tensor | None = None  # (B * windows, 1, 1, window**2): 0 for keys, very negative if pruned
+
+    def to(self, device, non_blocking: bool = False) -> "_KeptTokens":
+        """A copy on `device`. accelerate's device hooks move a layer's inputs with this, so that a `device_map` may
+        put the layers of one pruning stage on different devices."""
+        moved = {
+            field.name: value.to(device, non_blocking=non_blocking)
+            for field in fields(self)
+            if (value := getattr(self, field.name)) is not None
+        }
+        return replace(self, **moved)
 
 
 # Checkpoint files of at most this size: a 7B VLTP model (31 GB in float32) becomes 7 shards. transformers 5 defaults

@@ -151,6 +151,22 @@ def test_offloaded_model_gives_the_same_outputs(tmp_path, whole_encoder_on_disk)
                 assert torch.equal(mine, theirs)
 
 
+def test_kept_tokens_move_with_accelerates_device_hooks():
+    """accelerate's hooks move a layer's inputs with `send_to_device`, which moves any object with a `to`. Without
+    it the kept-token bookkeeping would stay on the prune decoder's device, and a `device_map` that splits a pruned
+    stage over two accelerators would fail in the layer's gather. "meta" stands in for a second device."""
+    from accelerate.utils import send_to_device
+
+    model = tiny_model()
+    kept = model._kept_tokens(torch.tensor([[0, 5, 17, 99], [1, 2, 50, 98]]), torch.float32)
+    moved = send_to_device(kept, "meta")
+    assert type(moved) is type(kept)
+    for name in ("indices", "rows", "cols", "window_indices", "window_key_bias"):
+        before, after = getattr(kept, name), getattr(moved, name)
+        assert before.device.type == "cpu" and after.device.type == "meta"
+        assert after.shape == before.shape and after.dtype == before.dtype
+
+
 # --- torch.compile ---------------------------------------------------------------------------------------------------
 
 
