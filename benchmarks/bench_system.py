@@ -3,9 +3,10 @@
 Three parts, all printed as Markdown tables:
 
 1. Time per (image, task) of `VLTPForTaskSegmentation.segment` for 1, 2, 4, 8 and 14 tasks on one image, with
-   `share_image_work=True` and `False`; median of `--runs` rounds after a warm-up round, the order of the variants
-   rotated every round. The system is random and forced to answer "[SEG]" and end (a logits processor), so every task
-   runs the whole pipeline: CLIP, LLaVA prefill and generation, SAM's ViT (pruned), mask decoder.
+   `share_image_work=True` and `False`; per task count, median of `--runs` rounds after a warm-up round, shared and
+   unshared alternating in order; a row is printed as soon as it is measured. The "x one task" columns compare rows
+   measured one after the other. The system is random and forced to answer "[SEG]" and end (a logits processor), so
+   every task runs the whole pipeline: CLIP, LLaVA prefill and generation, SAM's ViT (pruned), mask decoder.
    `--system mid` (CPU default): CLIP 224 px (6 layers, 512 wide), a 6-layer 512-wide Llama, a 12-layer 384-wide SAM
    ViT at 512 px pruned after layers 6 and 9 at 0.8. `--system paper`: LLaVA-1.5-7B + SAM ViT-H at 1024 px, pruned
    after layers 16 and 24 at `--rate` (for a GPU).
@@ -177,29 +178,29 @@ def peak_memory_mib(call, device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_segment(model, processor, image, counts, runs, device):
+def time_segment(model, processor, image, num_tasks, runs, device):
+    """Median seconds and peak MiB of `segment` on `num_tasks` tasks, shared and unshared (keys True, False)."""
     force = LogitsProcessorList([ForceAnswerSeg(processor.seg_token_id, processor.tokenizer.eos_token_id)])
-    variants = [(n, share) for n in counts for share in (True, False)]
 
-    def call(n, share):
+    def call(share):
         results = model.segment(
-            image, TASKS[:n], processor, max_new_tokens=4, share_image_work=share, logits_processor=force
+            image, TASKS[:num_tasks], processor, max_new_tokens=4, share_image_work=share, logits_processor=force
         )
         assert all(r.seg_found for r in results)
 
-    times = {variant: [] for variant in variants}
+    variants = [True, False]
+    times = {share: [] for share in variants}
     with torch.inference_mode():
         # the first round warms up (and compiles), and measures peak memory
-        memory = {variant: peak_memory_mib(lambda: call(*variant), device) for variant in variants}
+        memory = {share: peak_memory_mib(lambda: call(share), device) for share in variants}
         for round_index in range(1, runs + 1):
-            shift = round_index % len(variants)
-            for variant in variants[shift:] + variants[:shift]:
+            for share in variants[round_index % 2 :] + variants[: round_index % 2]:  # alternate the order
                 synchronize(device)
                 start = time.perf_counter()
-                call(*variant)
+                call(share)
                 synchronize(device)
-                times[variant].append(time.perf_counter() - start)
-    return {variant: statistics.median(values) for variant, values in times.items()}, memory
+                times[share].append(time.perf_counter() - start)
+    return {share: statistics.median(values) for share, values in times.items()}, memory
 
 
 def stage_gmacs(model, num_tasks: int, share: bool, rate: float) -> dict[str, float]:
@@ -295,26 +296,26 @@ def main():
     generator = torch.Generator().manual_seed(0)
     image = (torch.rand(480, 640, 3, generator=generator) * 255).to(torch.uint8).numpy()
 
-    start = time.perf_counter()
-    medians, memory = time_segment(model, processor, image, counts, args.runs, device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(
         f"{args.system} system, rate {rate}, {args.dtype}, {device.type} ({machine}), {torch.get_num_threads()} "
-        f"threads{', SAM ViT compiled' if args.compile else ''}; median of {args.runs} rounds; "
-        f"{datetime.date.today()}, torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"benchmark took {time.perf_counter() - start:.0f} s"
+        f"threads{', SAM ViT compiled' if args.compile else ''}; median of {args.runs} rounds (shared and unshared "
+        f"alternating); {datetime.date.today()}, torch {torch.__version__}, transformers {transformers.__version__}"
     )
     print(
         "| tasks on the image | shared ms / task | unshared ms / task | shared: x one task | unshared: x one task "
         "| peak MiB shared | peak MiB unshared |"
     )
-    print("|---|---|---|---|---|---|---|")
-    first = counts[0]
+    print("|---|---|---|---|---|---|---|", flush=True)
+    first = None
     for n in counts:
-        shared, unshared = medians[(n, True)], medians[(n, False)]
+        medians, memory = time_segment(model, processor, image, n, args.runs, device)
+        first = first or medians
         print(
-            f"| {n} | {shared / n * 1000:.0f} | {unshared / n * 1000:.0f} | {shared / medians[(first, True)]:.2f} "
-            f"| {unshared / medians[(first, False)]:.2f} | {memory[(n, True)]:.0f} | {memory[(n, False)]:.0f} |"
+            f"| {n} | {medians[True] / n * 1000:.0f} | {medians[False] / n * 1000:.0f} "
+            f"| {medians[True] / first[True]:.2f} | {medians[False] / first[False]:.2f} "
+            f"| {memory[True]:.0f} | {memory[False]:.0f} |",
+            flush=True,
         )
     if not args.skip_macs:
         for mac_rate in (0.5, 0.8):
