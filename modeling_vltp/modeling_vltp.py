@@ -847,7 +847,7 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
     config_class = VLTPConfig
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
-    _no_split_modules = ["SamVisionLayer", "VLTPPruneDecoder", "LlamaDecoderLayer", "CLIPEncoderLayer"]
+    _no_split_modules = ["VLTPSamVisionLayer", "VLTPPruneDecoder", "LlamaDecoderLayer", "CLIPEncoderLayer"]
     # The mask losses are per-batch means: transformers' Trainer must average the loss over gradient-accumulation
     # steps itself rather than hand `num_items_in_batch` to the model.
     accepts_loss_kwargs = False

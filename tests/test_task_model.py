@@ -331,3 +331,12 @@ def test_segment_checks_every_argument_before_any_compute(arguments, message):
     with pytest.raises(ValueError, match=message):
         model.segment(images, tasks, processor, **call)
     assert calls == []
+
+
+def test_no_split_modules_name_classes_the_model_contains():
+    """accelerate keeps each module named in `_no_split_modules` on one device, matching class names exactly: a stale
+    name (e.g. SAM's own layer class after ours replaced it) would let a device map split a ViT layer."""
+    model, _ = tiny_model_and_processor()
+    present = {type(module).__name__ for module in model.modules()}
+    for cls in (VLTPForTaskSegmentation, type(model.vision_model)):
+        assert set(cls._no_split_modules) <= present, cls
