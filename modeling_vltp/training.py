@@ -32,7 +32,6 @@ import struct
 import time
 import types
 import typing
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,22 +44,13 @@ from safetensors.torch import load_file, save_file
 from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
-from .data import load_coco_tasks, load_rio
+from .data import load_coco_tasks, load_rio, resolve_task_names
+from .data.collator import LISA_ANSWERS, SEG_CACHE_COLUMN, VLTPDataCollator
 from .data.masks import decode_mask_batch
-from .data.synthetic import TASK_NAMES as SYNTHETIC_TASK_NAMES
 from .flops import count_gmacs
 from .metrics import tos_metrics_from_counts
 from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamSegmenter, VLTPSamVisionModel
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
-
-# LISA's answers (`ANSWER_LIST` of LISA's utils); training draws one per sample.
-LISA_ANSWERS = (
-    "It is [SEG].",
-    "Sure, [SEG].",
-    "Sure, it is [SEG].",
-    "Sure, the segmentation result is [SEG].",
-    "[SEG].",
-)
 
 # LISA's optimisation settings (train_ds.py): AdamW with betas (0.9, 0.95), no weight decay, lr 3e-4 with 100 warmup
 # steps then linear decay, gradient clipping at 1, batch 2 per device with 10 accumulation steps. A config's
@@ -76,7 +66,6 @@ STAGE1_TRAINING_DEFAULTS = {
     "gradient_accumulation_steps": 10,
 }
 
-SEG_CACHE_COLUMN = "seg_embed"
 _SEG_CACHE_INFO = "vltp_seg_cache.json"
 # What a run was started with (settings, model and data fingerprints) and the checkpoints it completed, in output_dir.
 RUN_RECORD = "vltp_run.json"
@@ -133,7 +122,8 @@ class DataSettings:
     """Where the samples come from: a RIO or COCO-Tasks layout (real or synthetic, see `docs/data.md`).
 
     `annotations` is RIO's split file or folder, or COCO-Tasks' annotation folder; `images` the COCO 2014 root.
-    `tasks` picks COCO-Tasks task numbers; `task_names` is a list of names or `"synthetic"` for the synthetic world's.
+    `tasks` picks COCO-Tasks task numbers; `task_names` is a list of names or the name of a set of
+    `data.TASK_NAME_SETS` (e.g. `"synthetic"`).
     `max_train_samples` / `max_eval_samples` keep the first samples only.
     """
 
@@ -366,9 +356,8 @@ def load_split(data: DataSettings, split: str, max_samples: int | None = None, s
         if data.format == "rio":
             dataset = load_rio(data.annotations, data.images, split)
         else:
-            names = SYNTHETIC_TASK_NAMES if data.task_names == "synthetic" else data.task_names
-            extra = {"task_names": tuple(names)} if names is not None else {}
-            dataset = load_coco_tasks(data.annotations, data.images, split, tasks=data.tasks, **extra)
+            names = resolve_task_names(data.task_names)
+            dataset = load_coco_tasks(data.annotations, data.images, split, tasks=data.tasks, task_names=names)
     except (FileNotFoundError, ValueError) as error:
         raise TrainingInputError(f"{source}: data ({data.format}, split {split!r}): {error}") from None
     if max_samples is not None:
@@ -381,42 +370,6 @@ def load_split(data: DataSettings, split: str, max_samples: int | None = None, s
             f"{source}: data ({data.format}, split {split!r}): no target masks, every sample's mask is empty"
         )
     return dataset
-
-
-class VLTPDataCollator:
-    """Rows of the loaders (or of a `[SEG]` cache) -> a batch of model inputs, through [`VLTPProcessor`].
-
-    The prompt is LISA's question (the processor's template, "{task} Please output segmentation mask."). With
-    `answers`, each row's answer is one of them, picked from the row's content so that every process, every run and
-    every resume picks the same; leave `answers` out for stage 2, which has no text. `keep_targets` adds each row's
-    mask at its own size (`target_masks`) and its `task_ids` for evaluation. Rows of a `[SEG]` cache add `seg_embeds`.
-    """
-
-    def __init__(self, processor: VLTPProcessor, answers=None, seed: int = 0, keep_targets: bool = False):
-        self.processor = processor
-        self.answers = list(answers) if answers else None
-        self.seed = seed
-        self.keep_targets = keep_targets
-
-    def answer(self, row: dict) -> str:
-        key = f"{self.seed}/{row.get('image_id')}/{row.get('task_id')}/{row['task']}".encode()
-        return self.answers[zlib.crc32(key) % len(self.answers)]
-
-    def __call__(self, rows: list[dict]) -> dict:
-        batch = dict(
-            self.processor(
-                images=[row["image"].convert("RGB") for row in rows],
-                tasks=[row["task"] for row in rows],
-                answers=[self.answer(row) for row in rows] if self.answers else None,
-                masks=[row["mask"] for row in rows],
-            )
-        )
-        if SEG_CACHE_COLUMN in rows[0]:
-            batch["seg_embeds"] = torch.tensor(np.array([row[SEG_CACHE_COLUMN] for row in rows]), dtype=torch.float32)
-        if self.keep_targets:
-            batch["target_masks"] = [np.asarray(row["mask"], dtype=bool) for row in rows]
-            batch["task_ids"] = torch.tensor([row.get("task_id", -1) for row in rows])
-        return batch
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1263,13 +1216,11 @@ def evaluate_rates(
 
 __all__ = [
     "DataSettings",
-    "LISA_ANSWERS",
     "LoraSettings",
     "TOSMetrics",
     "TrainConfig",
     "TrainSummary",
     "TrainingInputError",
-    "VLTPDataCollator",
     "VLTPTrainer",
     "build_seg_cache",
     "check_config",
