@@ -47,9 +47,9 @@ from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
 from .data import load_coco_tasks, load_rio, resolve_task_names
 from .data.collator import LISA_ANSWERS, SEG_CACHE_COLUMN, VLTPDataCollator
 from .data.masks import decode_mask_batch
-from .flops import count_gmacs
+from .flops import vision_gmacs
 from .metrics import tos_metrics_from_counts
-from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamSegmenter, VLTPSamVisionModel
+from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamSegmenter
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
 
 # LISA's optimisation settings (train_ds.py): AdamW with betas (0.9, 0.95), no weight decay, lr 3e-4 with 100 warmup
@@ -395,17 +395,6 @@ def mask_overlaps(processor: VLTPProcessor, pred_masks, seg_sample_indices, batc
         predicted = masks.get(sample, np.zeros_like(target))
         counts.append(((predicted & target).sum(), (predicted | target).sum()))
     return torch.tensor(counts, dtype=torch.int64)
-
-
-def vision_gmacs(vision_config: VLTPVisionConfig, prune_rates) -> float:
-    """GMACs of one image through SAM's ViT at `prune_rates`, prune decoder included, counted on the meta device.
-    All rates 0 counts SAM's plain ViT (no prune decoder), the paper's baseline rows."""
-    rates = [float(rate) for rate in prune_rates]
-    with torch.device("meta"):
-        model = VLTPSamVisionModel(vision_config)
-        pixel_values = torch.empty(1, vision_config.num_channels, vision_config.image_size, vision_config.image_size)
-        guidance = torch.empty(1, vision_config.guidance_dim) if any(rates) else None
-    return count_gmacs(model, pixel_values, guidance_embeds=guidance, prune_rates=rates)
 
 
 class TOSMetrics:
@@ -1241,7 +1230,6 @@ __all__ = [
     "train_stage1",
     "train_stage2",
     "training_arguments",
-    "vision_gmacs",
     "weights_fingerprint",
     "write_back_segmenter",
 ]
