@@ -51,6 +51,7 @@ from .flops import vision_gmacs
 from .metrics import tos_metrics_from_counts
 from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamSegmenter
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
+from .staging import staged_output
 
 # LISA's optimisation settings (train_ds.py): AdamW with betas (0.9, 0.95), no weight decay, lr 3e-4 with 100 warmup
 # steps then linear decay, gradient clipping at 1, batch 2 per device with 10 accumulation steps. A config's
@@ -665,16 +666,21 @@ def train_stage1(config: TrainConfig, callbacks=None) -> TrainSummary:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def seg_embeddings(model: VLTPForTaskSegmentation, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projected `[SEG]` states of a teacher-forced batch, (S, guidance_dim), and the sample of each."""
+def seg_embeddings_by_batch(model: VLTPForTaskSegmentation, dataset: Dataset, collator, batch_size: int, desc: str):
+    """Batches of `dataset` as `collator` makes them (teacher-forced), each with the projected `[SEG]` states of its
+    LLaVA pass: yields (batch, embeddings (S, guidance_dim), the sample of each (S,)). A progress bar says `desc`."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
     device = model.device
-    _, seg_embeds, samples = model.seg_embeddings(
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
-        batch["pixel_values"].to(device, model.dtype),
-    )
-    return seg_embeds, samples
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc=desc):
+        with torch.no_grad():
+            _, seg_embeds, samples = model.seg_embeddings(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["pixel_values"].to(device, model.dtype),
+            )
+        yield batch, seg_embeds, samples
 
 
 def build_seg_cache(
@@ -688,34 +694,27 @@ def build_seg_cache(
     """One teacher-forced pass (LISA's validation answer) over every split: saves the rows with their projected
     `[SEG]` embedding (column `seg_embed`) as a `DatasetDict` at `path`, with `info` in `vltp_seg_cache.json`.
 
-    The cache is written to a temporary folder and moved into place when complete, so an interrupted pass leaves no
-    cache that looks valid.
+    The cache is written through [`staged_output`], so an interrupted pass leaves no cache that looks valid.
     """
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     path = Path(path)
     model.eval()
     collator = VLTPDataCollator(processor, [DEFAULT_ANSWER])
     cache = {}
     for name, dataset in splits.items():
         embeds = []
-        for batch in tqdm(
-            DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc=f"[SEG] cache, {name}"
+        for batch, seg, samples in seg_embeddings_by_batch(
+            model, dataset, collator, batch_size, f"[SEG] cache, {name}"
         ):
-            seg, samples = seg_embeddings(model, batch)
             if samples.tolist() != list(range(len(batch["input_ids"]))):
                 raise RuntimeError("expected exactly one [SEG] per teacher-forced sample")
             embeds.append(seg.float().cpu())
         cache[name] = dataset.with_format(None).add_column(SEG_CACHE_COLUMN, torch.cat(embeds).tolist())
     cache = DatasetDict(cache)
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    cache.save_to_disk(partial)
-    (partial / _SEG_CACHE_INFO).write_text(
-        json.dumps({"guidance_dim": model.config.vision_config.guidance_dim, **(info or {})}, indent=2)
-    )
-    partial.rename(path)
+    with staged_output(path) as staging:
+        cache.save_to_disk(staging)
+        (staging / _SEG_CACHE_INFO).write_text(
+            json.dumps({"guidance_dim": model.config.vision_config.guidance_dim, **(info or {})}, indent=2)
+        )
     return load_seg_cache(path)
 
 
@@ -1178,15 +1177,11 @@ def evaluate_rates(
     """Teacher-forced evaluation of `model` on `dataset` at each entry of `rates_list` (one rate per pruning stage):
     LLaVA runs once per batch, SAM once per rate. Returns per entry `prune_rates`, `gIoU`, `cIoU`, `mIoU_tasks` and
     `gmacs` (the ViT's, see [`vision_gmacs`])."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     model.eval()
     collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
     overlaps, task_ids = defaultdict(list), []
     with torch.no_grad():
-        for batch in tqdm(DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc="evaluating"):
-            seg, samples = seg_embeddings(model, batch)
+        for batch, seg, samples in seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating"):
             pixels = batch["sam_pixel_values"].to(model.device, model.dtype)[samples.to(model.device)]
             for index, rates in enumerate(rates_list):
                 pred_masks, _, _ = model.decode_masks(pixels, seg, rates)
@@ -1225,7 +1220,7 @@ __all__ = [
     "record_differences",
     "run_record",
     "seg_cache_info",
-    "seg_embeddings",
+    "seg_embeddings_by_batch",
     "train",
     "train_stage1",
     "train_stage2",
