@@ -16,6 +16,7 @@ empty target, so this choice moves the numbers a lot.
 
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,11 @@ def _as_binary_mask(mask, name: str, index: int) -> np.ndarray:
             raise ValueError(f"{name}[{index}] must be binary (bool or 0/1); threshold logits or probabilities first")
         mask = mask.astype(bool)
     return mask
+
+
+def _check_empty_target_iou(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
+        raise ValueError(f"empty_target_iou must be a number from 0 to 1 (an IoU), got {value!r}")
 
 
 def _iou(intersection: int, union: int, empty_target_iou: float) -> float:
@@ -64,10 +70,6 @@ def compute_tos_metrics(
     """
     if len(predictions) != len(references):
         raise ValueError(f"got {len(predictions)} predictions but {len(references)} references")
-    if not len(references):
-        raise ValueError("no samples to evaluate")
-    if task_ids is not None and len(task_ids) != len(references):
-        raise ValueError(f"got {len(task_ids)} task ids for {len(references)} samples")
 
     intersections, unions = [], []
     for index, (prediction, reference) in enumerate(zip(predictions, references)):
@@ -89,11 +91,25 @@ def tos_metrics_from_counts(
     empty_target_iou: float = 1.0,
 ) -> dict:
     """The metrics of [`compute_tos_metrics`] from each sample's pixel intersection and union, for evaluation loops
-    that count pixels as they go instead of keeping every mask."""
+    that count pixels as they go instead of keeping every mask. Raises ``ValueError`` for no samples, counts that
+    cannot be pixel counts (negative, fractional, intersection above union) or an ``empty_target_iou`` outside
+    [0, 1]."""
     if len(intersections) != len(unions):
         raise ValueError(f"got {len(intersections)} intersections but {len(unions)} unions")
+    if not len(unions):
+        raise ValueError("no samples to evaluate")
+    if task_ids is not None and len(task_ids) != len(unions):
+        raise ValueError(f"got {len(task_ids)} task ids for {len(unions)} samples")
+    _check_empty_target_iou(empty_target_iou)
     if hasattr(task_ids, "tolist"):  # numpy array or tensor: hash plain Python values, not array scalars
         task_ids = task_ids.tolist()
+    intersections, unions = [float(i) for i in intersections], [float(u) for u in unions]
+    for index, (intersection, union) in enumerate(zip(intersections, unions)):
+        if not (0 <= intersection <= union and intersection.is_integer() and union.is_integer()):
+            raise ValueError(
+                f"sample {index}: intersection {intersection:g} and union {union:g} are not pixel counts: they must "
+                "be whole numbers with 0 <= intersection <= union"
+            )
     intersections, unions = [int(i) for i in intersections], [int(u) for u in unions]
 
     def summary(indices) -> dict:

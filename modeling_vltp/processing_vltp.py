@@ -7,7 +7,7 @@ This file imports only torch, numpy, PIL and transformers: it is copied to the H
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AddedToken, BatchFeature, ProcessorMixin
 
 SEG_TOKEN = "[SEG]"
@@ -19,6 +19,44 @@ DEFAULT_PROMPT_TEMPLATE = f"USER: {IMAGE_TOKEN}\n{{question}} ASSISTANT:"
 # LISA's question and answer for a sentence-long query (`LONG_QUESTION_LIST`, `ANSWER_LIST` of LISA's utils).
 DEFAULT_QUESTION_TEMPLATE = "{task} Please output segmentation mask."
 DEFAULT_ANSWER = f"Sure, {SEG_TOKEN}."
+# Images more elongated than this are refused: SAM's longest-side resize would leave the short side a few pixels (or
+# none) and CLIP's shortest-side resize would make the long side enormous.
+MAX_ASPECT_RATIO = 50
+
+
+def load_image(path) -> Image.Image:
+    """
+    Opens an image file as the RGB image a person sees: the EXIF orientation is applied (so masks come out in the
+    displayed orientation) and 16-bit grayscale is scaled to 8 bits (`convert("RGB")` alone would clip it to black and
+    white). `path` is a path or a binary file object, which errors name by its `name` attribute.
+
+    Raises:
+        `FileNotFoundError`: no such file.
+        `ValueError`: PIL cannot read it (not an image, truncated, or over PIL's decompression-bomb limit
+            `PIL.Image.MAX_IMAGE_PIXELS`); the one-line message names the file.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        name = path if _is_path(path) else getattr(path, "name", path)
+        raise ValueError(f"cannot read image {name}: {reason}") from None
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) or hasattr(value, "__fspath__")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as RGB; integer modes ("I", "I;16", ...) hold 16-bit samples and are scaled by 255 / 65535."""
+    if image.mode.startswith("I"):
+        pixels = np.round(np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).astype(np.uint8)
+        image = Image.fromarray(pixels)
+    return image.convert("RGB")
 
 
 def add_vltp_special_tokens(tokenizer) -> dict[str, int]:
@@ -131,6 +169,32 @@ class VLTPProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values", "sam_pixel_values"]
 
+    def control_tokens(self) -> list[str]:
+        """The tokenizer's special tokens, its other added special tokens, `<image>` and `[SEG]`: the strings that
+        would become control tokens if they appeared in user text."""
+        added = (token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special)
+        return sorted({*self.tokenizer.all_special_tokens, *added, IMAGE_TOKEN, SEG_TOKEN})
+
+    def check_text(self, text, name: str, num_seg_tokens: int = 0) -> None:
+        """
+        Refuses user text (a task, or an answer with `num_seg_tokens=1`) holding a control token: a typed `<image>`
+        would add image tokens, `</s>` or `<pad>` would end or pad the sequence, a second `[SEG]` would be decoded as
+        the mask query. The `ValueError` names `name` and the token.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"{name} is a {type(text).__name__}; expected a string.")
+        typed = [token for token in self.control_tokens() if token in text and token != SEG_TOKEN]
+        if typed or (num_seg_tokens == 0 and SEG_TOKEN in text):
+            raise ValueError(
+                f"{name} contains {(typed or [SEG_TOKEN])[0]!r}, a control token of the tokenizer: user text must not "
+                f"hold one. Text: {text!r:.200}"
+            )
+        if text.count(SEG_TOKEN) != num_seg_tokens:
+            raise ValueError(
+                f"{name} holds {SEG_TOKEN} {text.count(SEG_TOKEN)} times; it needs exactly {num_seg_tokens}. "
+                f"Text: {text!r:.200}"
+            )
+
     def build_prompt(self, task: str) -> str:
         """The chat prompt for one task, with a single `<image>` placeholder (expanded only when tokenising)."""
         return self.prompt_template.format(question=self.question_template.format(task=task))
@@ -148,14 +212,17 @@ class VLTPProcessor(ProcessorMixin):
         Prepares one row per (image, task) pair; to run several tasks on one image, repeat the image.
 
         Args:
-            images (`PIL.Image.Image`, `np.ndarray` or a list of them):
-                RGB images: PIL images of mode "RGB" or `(H, W, 3)` uint8 arrays.
+            images (`PIL.Image.Image`, `np.ndarray`, a path, or a list of them):
+                RGB images: PIL images of mode "RGB", `(H, W, 3)` uint8 arrays, or image files, opened with
+                [`load_image`] (EXIF orientation applied). At most 1:50 elongated.
             tasks (`str` or `list[str]`):
-                One task per image, e.g. "you can use the thing to open the bottle of beer".
+                One task per image, e.g. "you can use the thing to open the bottle of beer". A task holding a control
+                token (`<image>`, `[SEG]`, `</s>`, `<pad>`, any special token of the tokenizer) is refused.
             answers (`str` or `list[str]`, *optional*):
                 For training: the assistant's answer of each row, or one answer for all rows (`DEFAULT_ANSWER`,
                 LISA's "Sure, [SEG]."). The answer and the end-of-sequence token are appended to the prompt and
-                `labels` are returned. Leave out for inference, where the prompt ends with the assistant's turn.
+                `labels` are returned. An answer holds exactly one `[SEG]` and no other control token. Leave out for
+                inference, where the prompt ends with the assistant's turn.
             masks (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
                 For training: one binary target mask per row (0/1 or boolean), of its image's size `(H, W)`.
             padding_side (`str`, *optional*):
@@ -184,7 +251,23 @@ class VLTPProcessor(ProcessorMixin):
             answers = [answers] * batch_size
         if answers is not None:
             _check_batch_size("answers", answers, batch_size)
+        for index, task in enumerate(tasks):
+            self.check_text(task, f"Task {index}")
+        for index, answer in enumerate(answers or []):
+            self.check_text(answer, f"Answer {index}", num_seg_tokens=1)
+        images = [
+            load_image(image) if isinstance(image, str) or hasattr(image, "__fspath__") else image for image in images
+        ]
         image_sizes = [_check_rgb_image(image, index) for index, image in enumerate(images)]
+        longest_edge = self.sam_image_processor.size["longest_edge"]
+        for index, (height, width) in enumerate(image_sizes):
+            if max(height, width) > MAX_ASPECT_RATIO * min(height, width) or (
+                int(min(height, width) * longest_edge / max(height, width) + 0.5) < 1
+            ):
+                raise ValueError(
+                    f"Image {index} is {height}x{width} (height x width): too elongated for SAM's {longest_edge} px "
+                    f"input (at most 1:{MAX_ASPECT_RATIO}); crop it into less elongated pieces."
+                )
 
         prompts = [self.build_prompt(task).replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for task in tasks]
         texts = prompts
@@ -280,15 +363,15 @@ def _check_rgb_image(image, index: int) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
             raise ValueError(
-                f"Image {index} has PIL mode {image.mode!r} but VLTP expects RGB images: convert it with "
-                "`image.convert('RGB')`."
+                f"Image {index} has PIL mode {image.mode!r} but VLTP expects RGB images: open files with "
+                "`load_image(path)`, which also scales 16-bit images, or convert with `image.convert('RGB')`."
             )
         return image.height, image.width
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(
                 f"Image {index} is an array of shape {image.shape} and dtype {image.dtype} but VLTP expects RGB "
-                "images as (H, W, 3) uint8 arrays: convert it, e.g. `np.asarray(PIL.Image.open(path).convert('RGB'))`."
+                "images as (H, W, 3) uint8 arrays: convert it, e.g. `np.asarray(load_image(path))`."
             )
         return image.shape[0], image.shape[1]
     raise TypeError(f"Image {index} is a {type(image).__name__}; expected a PIL image or a numpy array.")
@@ -317,5 +400,6 @@ __all__ = [
     "SEG_TOKEN",
     "VLTPProcessor",
     "add_vltp_special_tokens",
+    "load_image",
     "resize_embeddings_for_tokenizer",
 ]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datasets import Image as ImageFeature
+from datasets import load_from_disk
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from modeling_vltp.data import COCO_TASKS_NAMES, decode_mask, load_coco_tasks, load_rio
+from modeling_vltp.data import COCO_TASKS_NAMES, decode_mask, decode_mask_batch, load_coco_tasks, load_rio
 
 DATA_FORMATS = Path(__file__).resolve().parents[2] / "shared" / "data-formats"
 needs_excerpts = pytest.mark.skipif(not DATA_FORMATS.is_dir(), reason="../shared/data-formats is not present")
@@ -26,6 +26,11 @@ def _write_json(path: Path, data) -> Path:
 def _make_image(root: Path, folder: str, file_name: str, width: int = W, height: int = H) -> None:
     (root / folder).mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (width, height), (90, 120, 150)).save(root / folder / file_name)
+
+
+def _stored_path(dataset, index: int) -> str:
+    """The image path stored in row ``index``, read without the decoding transform."""
+    return dataset.with_format(None)[index]["image"]["path"]
 
 
 def _rectangle(x0, y0, x1, y1):
@@ -134,21 +139,22 @@ def test_rio_loads_polygons_and_both_rle_encodings(rio_dir):
     assert all(r["mask"].dtype == np.uint8 for r in rows)
     assert rows[0]["boxes"] == [[2, 2, 4, 3], [10, 5, 10, 10]] and rows[3]["boxes"] == []
     assert rows[0]["image"].size == (W, H)
-    assert dataset[0]["image"].filename.endswith("val2014/COCO_val2014_000000000011.jpg")
+    assert rows[0]["image"].mode == "RGB"
+    assert _stored_path(dataset, 0).endswith("val2014/COCO_val2014_000000000011.jpg")
 
 
 def test_rio_accepts_the_file_itself_and_uses_train2014_for_train(tmp_path):
     records = _rio_records()[:1]
     _make_image(tmp_path, "train2014", "COCO_train2014_000000000011.jpg")
     dataset = load_rio(_write_json(tmp_path / "my_rio.json", records), tmp_path, "train")
-    assert dataset[0]["image"].filename.endswith("train2014/COCO_train2014_000000000011.jpg")
+    assert _stored_path(dataset, 0).endswith("train2014/COCO_train2014_000000000011.jpg")
     with pytest.raises(FileNotFoundError, match="val2014/COCO_val2014_000000000011.jpg"):
         load_rio(tmp_path / "my_rio.json", tmp_path, "uncommon")
 
 
 def test_rio_stores_paths_and_encoded_masks_and_decodes_on_read(rio_dir):
     dataset = load_rio(rio_dir, rio_dir, "common")
-    stored = dataset.with_format(None).cast_column("image", ImageFeature(decode=False))  # no transform, no decoding
+    stored = dataset.with_format(None)  # no transform, no decoding
     assert isinstance(stored[0]["mask"], str)
     assert json.loads(stored[0]["mask"])["size"] == [H, W]
     assert dataset.features["mask"].dtype == "string"
@@ -198,6 +204,8 @@ BAD_RIO_RECORDS = {
     "box outside": (_set("bbox_list", [[20, 4, 15, 3]]), r"bbox_list\[0\]", "outside the image"),
     "box of three": (_set("bbox_list", [[2, 4, 15]]), r"bbox_list\[0\]", "4 finite numbers"),
     "zero height": (_set("height", 0), "height", "not positive"),
+    "huge height": (_set("height", 100000), "height", "exceeds the limit of 8192"),
+    "huge width": (_set("width", 65537), "width", "exceeds the limit of 8192"),
 }
 
 
@@ -324,8 +332,8 @@ def test_coco_tasks_official_format(coco_dir):
     np.testing.assert_array_equal(rows[4]["mask"], np.ones((H, W)))
     assert rows[0]["boxes"] == [[1, 1, 4, 3], [3, 4, 25, 8]] and rows[1]["boxes"] == []
     # The folder follows the file-name prefix, not the split.
-    assert rows[2]["image"].filename.endswith("train2014/COCO_train2014_000000000023.jpg")
-    assert rows[0]["image"].filename.endswith("val2014/COCO_val2014_000000000021.jpg")
+    assert _stored_path(dataset, 2).endswith("train2014/COCO_train2014_000000000023.jpg")
+    assert _stored_path(dataset, 0).endswith("val2014/COCO_val2014_000000000021.jpg")
 
 
 def test_coco_tasks_template_and_names(coco_dir):
@@ -334,6 +342,12 @@ def test_coco_tasks_template_and_names(coco_dir):
     assert COCO_TASKS_NAMES[0] == "step on" and COCO_TASKS_NAMES[13] == "pound carpet" and len(COCO_TASKS_NAMES) == 14
     with pytest.raises(ValueError, match="template"):
         load_coco_tasks(coco_dir, coco_dir, "test", tasks=[5], template="no placeholder")
+    for template in ("use {0} to {task}", "{task} or {task}", "{task} {other}", "{task"):
+        with pytest.raises(ValueError, match=r"template"):
+            load_coco_tasks(coco_dir, coco_dir, "test", tasks=[5], template=template)
+    assert (
+        load_coco_tasks(coco_dir, coco_dir, "test", tasks=[5], template="{{ {task} }}")[0]["task"] == "{ water plant }"
+    )
     with pytest.raises(ValueError, match="subset of 1..14"):
         load_coco_tasks(coco_dir, coco_dir, "test", tasks=[15])
 
@@ -526,3 +540,138 @@ def test_real_rio_expressions_round_trip(tmp_path):
     _make_image(tmp_path, "val2014", "COCO_val2014_000000000011.jpg")
     dataset = load_rio(tmp_path, tmp_path, "uncommon")
     assert dataset["task"] == [expression[0] for expression in expressions]
+
+
+# ---------------------------------------------------------------- working directory, images, odd files
+
+
+def test_rows_store_absolute_image_paths_whatever_the_working_directory(tmp_path, monkeypatch):
+    """The cache is keyed on resolved paths: its rows must not hold paths relative to the first caller's folder."""
+    world, decoy = tmp_path / "a" / "world", tmp_path / "b" / "world"
+    _make_image(world, "val2014", "COCO_val2014_000000000011.jpg")
+    _make_image(decoy, "val2014", "COCO_val2014_000000000011.jpg", width=64, height=64)  # same relative path
+    annotations = _write_json(world / "RIO_common_all_thing.json", _rio_records()[:1])
+    (tmp_path / "a" / "train").mkdir()
+    (tmp_path / "b" / "eval").mkdir()
+    monkeypatch.chdir(tmp_path / "a" / "train")
+    assert load_rio(annotations, "../world", "common")[0]["image"].size == (W, H)
+    monkeypatch.chdir(tmp_path / "b" / "eval")  # same files, same cache key; "../world" is the decoy here
+    dataset = load_rio(annotations, world, "common")
+    assert _stored_path(dataset, 0) == str(world / "val2014" / "COCO_val2014_000000000011.jpg")
+    assert dataset[0]["image"].size == (W, H)
+    monkeypatch.chdir(tmp_path)  # run from the parent folder
+    assert load_rio(annotations, world, "common")[0]["image"].size == (W, H)
+
+
+def test_coco_tasks_duplicate_image_ids_are_refused(coco_dir, caplog):
+    data = _official_task_file()
+    data["images"][2]["id"] = 21  # images[2] (COCO_train2014_...23.jpg) reuses the id of images[0]
+    _write_json(coco_dir / "task_3_test.json", data)
+    with pytest.raises(
+        ValueError, match=r"task_3_test\.json: images\[2\]: field 'id': image id 21 is also .*images\[0\]"
+    ):
+        load_coco_tasks(coco_dir, coco_dir, "test", tasks=[3])
+    data["annotations"] = data["annotations"][:4]  # annotation 5 pointed at image 23, which is no longer listed
+    _write_json(coco_dir / "task_3_test.json", data)
+    with caplog.at_level(logging.WARNING):
+        dataset = load_coco_tasks(coco_dir, coco_dir, "test", tasks=[3], skip_bad_records=True)
+    assert [dataset[i]["image_id"] for i in range(len(dataset))] == [22]  # neither entry of id 21 is kept
+    assert "images[2]: field 'id': image id 21 is also the id of images[0]" in dataset.info.description
+
+
+def _exif_oriented_image(root: Path, file_name: str, stored_width: int, stored_height: int) -> None:
+    """An image stored as stored_width x stored_height with EXIF orientation 6 (shown rotated by 90 degrees)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (root / "val2014").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (stored_width, stored_height), (90, 120, 150)).save(root / "val2014" / file_name, exif=exif)
+
+
+def test_images_open_in_the_displayed_orientation_and_sizes_are_compared(rio_dir):
+    _exif_oriented_image(rio_dir, "COCO_val2014_000000000011.jpg", stored_width=H, stored_height=W)  # shown W x H
+    dataset = load_rio(rio_dir, rio_dir, "common")
+    assert dataset[0]["image"].size == (W, H) and dataset[0]["mask"].shape == (H, W)
+    _exif_oriented_image(rio_dir, "COCO_val2014_000000000011.jpg", stored_width=W, stored_height=H)  # shown H x W
+    dataset = load_rio(rio_dir, rio_dir, "common")
+    with pytest.raises(
+        ValueError,
+        match=r"RIO_common_all_thing\.json: record 0: field 'height': annotated size 20x30 .* 30x20 \(after its EXIF",
+    ):
+        dataset[0]
+
+
+def test_sixteen_bit_images_are_scaled(rio_dir):
+    grey = np.full((H, W), 32896, dtype=np.uint16)  # mid-grey in 16 bits
+    Image.fromarray(grey).save(rio_dir / "val2014" / "COCO_val2014_000000000011.jpg", format="PNG")
+    image = load_rio(rio_dir, rio_dir, "common")[0]["image"]
+    assert image.mode == "RGB" and np.asarray(image).tolist()[0][0] == [128, 128, 128]
+
+
+def _truncate(path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def test_unreadable_and_mis_sized_images_name_file_record_and_field(rio_dir):
+    _truncate(rio_dir / "val2014" / "COCO_val2014_000000000012.jpg")
+    records = _rio_records()
+    records[2]["height"], records[2]["width"] = 2 * H, 2 * W  # a valid polygon on a 40x60 annotation of a 20x30 image
+    records[2]["mask_list"] = [[_rectangle(1, 1, 5, 5)]]
+    _write_json(rio_dir / "RIO_common_all_thing.json", records)
+    dataset = load_rio(rio_dir, rio_dir, "common")  # images are opened when rows are read
+    with pytest.raises(ValueError, match=r"record 1: field 'image': cannot read image .*COCO_val2014_000000000012"):
+        dataset[1]
+    with pytest.raises(ValueError, match=r"record 2: field 'height': annotated size 40x60 .* is 20x30"):
+        dataset[2]
+    with pytest.raises(ValueError, match=r"RIO_common_all_thing\.json: record 1: field 'image': cannot read image"):
+        load_rio(rio_dir, rio_dir, "common", check_images=True)
+    dataset = load_rio(rio_dir, rio_dir, "common", check_images=True, skip_bad_records=True)
+    assert [dataset[i]["task_id"] for i in range(len(dataset))] == [501]
+    assert "Skipped 3 bad record(s)" in dataset.info.description
+    assert "record 2: field 'height': annotated size 40x60" in dataset.info.description
+
+
+def test_empty_and_entirely_bad_files_are_named(rio_dir, coco_dir):
+    _write_json(rio_dir / "RIO_common_all_thing.json", [])
+    with pytest.raises(ValueError, match=r"no records in .*RIO_common_all_thing\.json"):
+        load_rio(rio_dir, rio_dir, "common")
+    _write_json(rio_dir / "RIO_common_all_thing.json", [{"image_id": 1}, {"image_id": 2}])
+    with pytest.raises(ValueError, match=r"every record is bad, 2 skipped:\n.*record 0: field 'height'.*\n.*record 1"):
+        load_rio(rio_dir, rio_dir, "common", skip_bad_records=True)
+    data = _official_task_file()
+    data["images"], data["annotations"] = [], []
+    _write_json(coco_dir / "task_3_test.json", data)
+    with pytest.raises(ValueError, match=r"task_3_test\.json: field 'images': empty"):
+        load_coco_tasks(coco_dir, coco_dir, "test", tasks=[3, 5])
+
+
+def test_non_utf8_annotation_files_are_named(rio_dir):
+    annotation = rio_dir / "RIO_common_all_thing.json"
+    annotation.write_text(json.dumps(_rio_records()), encoding="utf-16")
+    with pytest.raises(ValueError, match=r"RIO_common_all_thing\.json: not UTF-8 text"):
+        load_rio(rio_dir, rio_dir, "common")
+    Image.new("RGB", (4, 4)).save(annotation, format="PNG")
+    with pytest.raises(ValueError, match=r"RIO_common_all_thing\.json: not UTF-8 text"):
+        load_rio(rio_dir, rio_dir, "common")
+    annotation.write_text(json.dumps(_rio_records()), encoding="utf-8-sig")  # a byte-order mark is fine
+    assert len(load_rio(rio_dir, rio_dir, "common")) == 4
+
+
+def test_file_names_outside_the_image_folder_need_permission(coco_dir):
+    data = _official_task_file()
+    data["images"][1]["file_name"] = "../../outside.jpg"
+    _write_json(coco_dir / "task_3_test.json", data)
+    _make_image(coco_dir / "val2014" / ".." / "..", ".", "outside.jpg")
+    with pytest.raises(ValueError, match=r"images\[1\]: field 'file_name': '../../outside.jpg' points outside"):
+        load_coco_tasks(coco_dir, coco_dir, "test", tasks=[3])
+    dataset = load_coco_tasks(coco_dir, coco_dir, "test", tasks=[3], allow_paths_outside_image_dir=True)
+    assert _stored_path(dataset, 1) == str((coco_dir.parent / "outside.jpg").resolve())
+
+
+def test_saved_rows_with_embedded_image_bytes_still_decode(rio_dir, tmp_path):
+    """save_to_disk embeds the image files and keeps only their names: the row transform reads the bytes."""
+    load_rio(rio_dir, rio_dir, "common").with_format(None).save_to_disk(tmp_path / "saved")
+    (rio_dir / "val2014" / "COCO_val2014_000000000011.jpg").unlink()
+    saved = load_from_disk(str(tmp_path / "saved"))
+    saved.set_transform(decode_mask_batch)
+    assert saved[0]["image"].size == (W, H) and saved[0]["mask"].shape == (H, W)

@@ -143,3 +143,28 @@ def test_metrics_from_pixel_counts_match_the_masks():
     from_counts = tos_metrics_from_counts(intersections, unions, tasks)
     assert from_counts == compute_tos_metrics(predictions, references, tasks)
     assert from_counts["per_task"][3]["num_samples"] == 3
+
+
+@pytest.mark.parametrize(
+    "intersections, unions, options, message",
+    [
+        ([-5], [10], {}, "sample 0: intersection -5 and union 10 are not pixel counts"),
+        ([20], [10], {}, "sample 0: intersection 20 and union 10 are not pixel counts"),
+        ([1, 2], [3, -1], {}, "sample 1: intersection 2 and union -1"),
+        ([1.5], [3], {}, "intersection 1.5 and union 3"),
+        ([float("nan")], [3], {}, "intersection nan"),
+        ([], [], {}, "no samples"),
+        ([1], [2], {"empty_target_iou": 5}, "empty_target_iou must be a number from 0 to 1"),
+        ([1], [2], {"empty_target_iou": float("nan")}, "empty_target_iou"),
+        ([1], [2], {"empty_target_iou": True}, "empty_target_iou"),
+        ([1], [2], {"task_ids": [1, 2]}, "2 task ids for 1 samples"),
+    ],
+)
+def test_impossible_counts_are_refused(intersections, unions, options, message):
+    with pytest.raises(ValueError, match=message):
+        tos_metrics_from_counts(intersections, unions, **options)
+
+
+def test_compute_refuses_an_empty_target_iou_outside_0_1():
+    with pytest.raises(ValueError, match="empty_target_iou"):
+        compute_tos_metrics(PREDICTIONS, REFERENCES, empty_target_iou=-1)

@@ -1,6 +1,7 @@
 """Tests of VLTPProcessor and the tiny offline tokenizer/processor."""
 
 import ast
+import re
 from pathlib import Path
 
 import numpy as np
@@ -407,3 +408,123 @@ def test_bad_construction(processor):
         VLTPProcessor(*parts, processor.tokenizer, prompt_template="USER: {question} ASSISTANT:")
     with pytest.raises(ValueError, match="question_template"):
         VLTPProcessor(*parts, processor.tokenizer, question_template="Please output segmentation mask.")
+
+
+# ---------------------------------------------------------------- user text, image files, odd images
+
+CONTROL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>", IMAGE_TOKEN, SEG_TOKEN]
+
+
+def test_control_tokens_are_every_special_and_added_token(processor):
+    added = [token.content for token in processor.tokenizer.added_tokens_decoder.values()]
+    assert sorted(processor.control_tokens()) == sorted(CONTROL_TOKENS) == sorted(added)
+
+
+@pytest.mark.parametrize("token", CONTROL_TOKENS)
+def test_typed_control_token_in_a_task_is_refused(processor, token):
+    with pytest.raises(ValueError, match=rf"Task 1 contains '{re.escape(token)}', a control token"):
+        processor(images=[random_image(8, 8)] * 2, tasks=["fine", f"cut {token} the bread"])
+
+
+@pytest.mark.parametrize("token", [t for t in CONTROL_TOKENS if t != SEG_TOKEN])
+def test_typed_control_token_in_an_answer_is_refused(processor, token):
+    with pytest.raises(ValueError, match=rf"Answer 0 contains '{re.escape(token)}'"):
+        processor(images=random_image(8, 8), tasks="cut bread", answers=f"Sure, {token} {SEG_TOKEN}.")
+
+
+@pytest.mark.parametrize("answer", ["Sure.", f"{SEG_TOKEN} and {SEG_TOKEN}"])
+def test_answer_needs_exactly_one_seg(processor, answer):
+    with pytest.raises(ValueError, match=r"Answer 0 holds \[SEG\] [02] times; it needs exactly 1"):
+        processor(images=random_image(8, 8), tasks="cut bread", answers=answer)
+
+
+def test_look_alike_text_stays_plain_text(processor):
+    """Near-misses of the control tokens tokenise as text: one [SEG], one image-token run, one EOS."""
+    task = "cut [seg] [SEG <image <s </s <pad> > with the knife"
+    inputs = processor(images=random_image(8, 8), tasks=task.replace("<pad>", "<pad"), answers=DEFAULT_ANSWER)
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(processor.seg_token_id) == 1
+    image_positions = [i for i, token in enumerate(ids) if token == processor.image_token_id]
+    assert len(image_positions) == NUM_IMAGE_TOKENS
+    assert image_positions == list(range(image_positions[0], image_positions[0] + NUM_IMAGE_TOKENS))
+    assert ids.count(processor.tokenizer.eos_token_id) == 1 and ids[-1] == processor.tokenizer.eos_token_id
+    assert ids.count(processor.tokenizer.bos_token_id) == 1 and ids[0] == processor.tokenizer.bos_token_id
+
+
+def test_non_string_task_is_refused(processor):
+    with pytest.raises(TypeError, match="Task 0 is a NoneType"):
+        processor(images=random_image(8, 8), tasks=[None])
+
+
+def _exif_rotated_jpeg(path, width=45, height=30):
+    """A JPEG stored as width x height with EXIF orientation 6: viewers show it rotated, height x width wide."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 3] = 255  # a white band on the stored left side: on top once rotated
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif)
+    return path
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    image = processing_vltp.load_image(_exif_rotated_jpeg(tmp_path / "photo.jpg"))
+    assert image.mode == "RGB" and image.size == (30, 45)  # as shown: 30 wide, 45 high
+    pixels = np.asarray(image).mean(axis=(1, 2))
+    assert pixels[:10].min() > 200 and pixels[-10:].max() < 50  # the band is on top
+
+
+def test_processor_opens_paths_in_the_displayed_orientation(processor, tmp_path):
+    inputs = processor(images=[str(_exif_rotated_jpeg(tmp_path / "photo.jpg"))], tasks="cut bread")
+    assert inputs["original_sizes"].tolist() == [[45, 30]]
+
+
+@pytest.mark.parametrize("dtype, file_name", [(np.uint16, "deep.png"), (np.int32, "deep.tif")])
+def test_load_image_scales_16_bit_grayscale(tmp_path, dtype, file_name):
+    """A 16-bit PNG opens as mode I;16, a 32-bit integer TIFF as mode I: both scale 0..65535 to 0..255."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    Image.fromarray(ramp.astype(dtype)).save(tmp_path / file_name)
+    pixels = np.asarray(processing_vltp.load_image(tmp_path / file_name))
+    assert pixels.shape == (64, 64, 3)
+    np.testing.assert_allclose(pixels[..., 0], ramp / 257, atol=1)  # a ramp, not clipped to 0 and 255
+
+
+@pytest.mark.parametrize(
+    "content, error, words",
+    [
+        (None, FileNotFoundError, "image file not found"),
+        (b"", ValueError, "cannot identify"),
+        (b"not an image at all", ValueError, "cannot identify"),
+    ],
+)
+def test_load_image_errors_name_the_file(tmp_path, content, error, words):
+    path = tmp_path / "broken.png"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error, match=words) as raised:
+        processing_vltp.load_image(path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_load_image_truncated_file(tmp_path):
+    path = tmp_path / "cut.jpg"
+    random_image(64, 64).save(path)
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(ValueError, match=f"cannot read image {re.escape(str(path))}: (?i:.*truncated)"):
+        processing_vltp.load_image(path)
+
+
+def test_load_image_decompression_bomb(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("L", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 4)  # as a 15000 x 15000 image is for the default
+    with pytest.raises(ValueError, match=f"cannot read image {re.escape(str(path))}: .*decompression bomb") as raised:
+        processing_vltp.load_image(path)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("height, width", [(1, 5000), (5000, 1), (2, 101)])
+def test_too_elongated_images_are_refused(processor, height, width):
+    with pytest.raises(ValueError, match=f"Image 0 is {height}x{width} .*too elongated"):
+        processor(images=Image.new("RGB", (width, height)), tasks="cut bread")
+    inputs = processor(images=Image.new("RGB", (100, 2)), tasks="cut bread")  # 1:50 is accepted
+    assert inputs["reshaped_input_sizes"].tolist() == [[3, SAM_SIZE]]

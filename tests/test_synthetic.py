@@ -219,3 +219,32 @@ def test_command_line(tmp_path, capsys):
     )
     assert "wrote 2 common images" in capsys.readouterr().out
     assert len(load_rio(tmp_path, tmp_path, "common")) == 2 * 3
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--num-images", "0"], "num_images must be in"),
+        (["--num-images", "1", "--image-size", "100000"], "image_size must be in 32..2048"),
+        (["--num-images", "1", "--split", "val"], "split of the rio format"),
+        (["--num-images", "1", "--format", "coco_tasks", "--holdout", "phrasing"], "needs format='rio'"),
+        (["--num-images", "1", "--tasks-per-image", "0"], "tasks_per_image"),
+        (["--num-images", "1", "--seed", "-1"], "seed must be a non-negative"),
+    ],
+)
+def test_command_line_errors_are_one_line_and_write_nothing(tmp_path, capsys, arguments, message):
+    out = tmp_path / "world"
+    with pytest.raises(SystemExit) as exit:
+        synthetic.main(["--out", str(out), *arguments])
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and message in error and "Traceback" not in error
+    assert "error: " in error.strip().splitlines()[-1] and message in error.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def test_command_line_unwritable_output_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit:
+        synthetic.main(["--out", str(tmp_path / "file"), "--num-images", "1", "--image-size", "32"])
+    error = capsys.readouterr().err
+    assert exit.value.code == 1 and len(error.strip().splitlines()) == 1 and "file" in error

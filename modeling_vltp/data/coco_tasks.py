@@ -10,9 +10,11 @@ with ``category_id`` set to the 0-based task index, and its ``categories`` are t
 that list is how it is recognised.
 """
 
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from string import Formatter
 
 from datasets import Dataset
 
@@ -63,27 +65,50 @@ def _image_folder(file_name: str, split: str) -> str:
     return _SPLIT_FOLDERS[split]
 
 
-def _load_task(file: Path, task: int, sentence: str, image_root: Path, split: str, bad: BadRecords) -> list[dict]:
-    """Validated rows of one task file, one per entry of ``images``, in file order."""
+def _image_path(image_root: Path, file_name: str, split: str, allow_outside: bool) -> Path:
+    """Where ``file_name`` lies under ``image_root``; an absolute name or one with ``..`` is refused unless
+    ``allow_outside``, as it would read outside the image folder."""
+    if not allow_outside and (Path(file_name).is_absolute() or ".." in Path(file_name).parts):
+        raise InvalidFieldError(
+            "file_name",
+            f"{file_name!r} points outside the image folder; pass allow_paths_outside_image_dir=True to allow it",
+        )
+    return image_root / _image_folder(file_name, split) / file_name
+
+
+def _load_task(file: Path, task: int, sentence: str, image_root: Path, split: str, bad: BadRecords, options: dict):
+    """Validated rows of one task file, one per entry of ``images``, in file order. ``options`` holds
+    ``check_images`` and ``allow_paths_outside_image_dir`` of [`load_coco_tasks`]."""
     data = read_json(file)
     if not isinstance(data, dict):
         raise ValueError(f"{file}: a COCO-Tasks file is a JSON object, got {type(data).__name__}")
     for section in ("images", "annotations"):
         if not isinstance(data.get(section), list):
             raise ValueError(f"{file}: field '{section}': missing or not a list")
+    if not data["images"]:
+        raise ValueError(f"{file}: field 'images': empty, the file has no samples")
     cotdet = _is_cotdet(data)
     positive_category = task - 1 if cotdet else 1
     allowed_categories = {positive_category} if cotdet else {0, 1}
 
     images = {}  # image id -> row without the target
+    first_entry = {}  # image id -> index of its first entry in 'images'
+    broken = set()  # ids of images whose sample is left out
     for index, image in enumerate(data["images"]):
         try:
             if not isinstance(image, dict):
                 raise InvalidFieldError("<record>", f"expected a JSON object, got {type(image).__name__}")
             image_id = require(image, "id", int)
+            if image_id in first_entry:
+                broken.add(image_id)
+                raise InvalidFieldError(
+                    "id", f"image id {image_id} is also the id of images[{first_entry[image_id]}]: ids must be unique"
+                )
+            first_entry[image_id] = index
             file_name = require(image, "file_name", str)
             height, width = require_size(image)
-            path = require_image(image_root / _image_folder(file_name, split) / file_name, "file_name")
+            path = _image_path(image_root, file_name, split, options["allow_paths_outside_image_dir"])
+            path = require_image(path, "file_name", (height, width) if options["check_images"] else None)
         except InvalidFieldError as error:
             bad.add(file, f"images[{index}]", error)
             continue
@@ -94,11 +119,11 @@ def _load_task(file: Path, task: int, sentence: str, image_root: Path, split: st
             "task_id": task,
             "height": height,
             "width": width,
+            "record": f"{os.path.abspath(file)}: images[{index}]",
         }
 
     listed_ids = {image.get("id") for image in data["images"] if isinstance(image, dict)}
     positives = defaultdict(list)  # image id -> [(segmentation, box)]
-    broken = set()
     for index, annotation in enumerate(data["annotations"]):
         image_id = None
         try:
@@ -145,6 +170,8 @@ def load_coco_tasks(
     template: str = COCO_TASKS_TEMPLATE,
     skip_bad_records: bool = False,
     task_names: Sequence[str] = COCO_TASKS_NAMES,
+    check_images: bool = False,
+    allow_paths_outside_image_dir: bool = False,
 ) -> Dataset:
     """Load COCO-Tasks as a ``datasets.Dataset`` with one row per (task, image), tasks in the order given.
 
@@ -154,15 +181,19 @@ def load_coco_tasks(
             ``file_name`` prefix (``COCO_train2014_`` / ``COCO_val2014_``), else the split.
         split: ``"train"`` or ``"test"``.
         tasks: task numbers to load (1-based); all tasks of ``task_names`` by default.
-        template: the task sentence, formatted with ``task=<task name>``.
+        template: the task sentence, with exactly one ``{task}`` field (formatted with the task name).
         skip_bad_records: leave out bad images and the samples of bad annotations instead of raising;
             they are logged as a warning and listed in ``dataset.info.description``.
         task_names: the name of task N at position N - 1; the 14 official names by default (the
             synthetic world passes its own).
+        check_images: open every image while loading, so that an unreadable image or one whose size is not the
+            annotated one is reported (or skipped) now rather than when its row is read.
+        allow_paths_outside_image_dir: accept an image ``file_name`` that is absolute or holds ``..``.
 
     Raises:
         FileNotFoundError: a task file or an image is missing (message: file, record index, field).
-        ValueError: a record is malformed (message: file, record index, field).
+        ValueError: a record is malformed (two images share an id, ...), a file has no images, or no sample is
+            left (message: file, record index, field).
     """
     if split not in COCO_TASKS_SPLITS:
         raise ValueError(f"COCO-Tasks split must be one of {COCO_TASKS_SPLITS}, got {split!r}")
@@ -170,16 +201,23 @@ def load_coco_tasks(
     unknown = [t for t in tasks if t not in range(1, len(task_names) + 1)]
     if unknown or not tasks:
         raise ValueError(f"tasks must be a non-empty subset of 1..{len(task_names)}, got {tasks}")
-    if "{task}" not in template:
-        raise ValueError(f"template must contain '{{task}}', got {template!r}")
+    try:
+        fields = [field for _, field, _, _ in Formatter().parse(template) if field is not None]
+    except ValueError as error:
+        raise ValueError(f"template {template!r}: {error}") from None
+    if fields != ["task"]:
+        raise ValueError(
+            f"template must hold exactly one field, {{task}} ({{{{ and }}}} for literal braces), got {template!r}"
+        )
 
     annotation_dir, image_root = Path(annotation_dir), Path(image_dir)
     files = [_task_file(annotation_dir, task, split) for task in tasks]
     bad = BadRecords(skip_bad_records)
+    file_options = {"check_images": check_images, "allow_paths_outside_image_dir": allow_paths_outside_image_dir}
     rows = []
     for task, file in zip(tasks, files):
         sentence = template.format(task=task_names[task - 1])
-        rows.extend(_load_task(file, task, sentence, image_root, split, bad))
+        rows.extend(_load_task(file, task, sentence, image_root, split, bad, file_options))
     options = {
         "loader": "coco_tasks",
         "split": split,

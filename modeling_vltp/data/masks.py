@@ -1,4 +1,4 @@
-"""COCO segmentations (polygons, uncompressed and compressed RLE): validation and lazy decoding.
+"""COCO segmentations (polygons, uncompressed and compressed RLE): validation, and the lazy decoding of rows.
 
 The loaders keep each sample's target as a small JSON string, the *encoded mask*::
 
@@ -6,15 +6,24 @@ The loaders keep each sample's target as a small JSON string, the *encoded mask*
 
 and decode it to a binary array only when the sample is read (:func:`decode_mask`), so building a
 50,000-sample dataset never rasterises a mask. The target is the union of the listed segmentations;
-an empty list is an empty (all-zero) target.
+an empty list is an empty (all-zero) target. The row's image is opened at the same time
+(:func:`open_image`), checked against the annotated size.
 """
 
+import io
 import json
 import math
 from numbers import Real
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
+
+from ..processing_vltp import load_image
+
+# Largest annotated height or width accepted. A mask is decoded to height x width bytes (an 8192 x 8192 one takes
+# 64 MB and about 3 s in pycocotools); far larger sizes exhaust memory, hang or crash pycocotools.
+MAX_IMAGE_SIDE = 8192
 
 # COCO coordinates may touch the image border (x == width) and some annotation tools round
 # outward, so coordinates up to one pixel outside the image are accepted.
@@ -28,6 +37,39 @@ class InvalidFieldError(ValueError):
         super().__init__(f"field '{field}': {reason}")
         self.field = field
         self.reason = reason
+
+
+class MissingFileError(InvalidFieldError):
+    """A file a record points to (an image) does not exist; reported as ``FileNotFoundError``."""
+
+
+def record_error(source: str, error: InvalidFieldError) -> Exception:
+    """The exception reporting ``error`` of the record ``source`` (``<file>: <record>``), as
+    ``<file>: <record>: field '<field>': <reason>``: ``FileNotFoundError`` for a missing file, else ``ValueError``."""
+    return (FileNotFoundError if isinstance(error, MissingFileError) else ValueError)(f"{source}: {error}")
+
+
+def open_image(path: str, height: int, width: int, data: bytes | None = None) -> Image.Image:
+    """The record's image as RGB (see ``load_image``), or an ``InvalidFieldError`` if it cannot be read or its size
+    is not the annotated ``height`` x ``width``. ``data`` holds the file's bytes when a saved dataset embedded them
+    (``save_to_disk`` does; ``path`` is then only the file name)."""
+    file = path
+    if data is not None:
+        file = io.BytesIO(data)
+        file.name = path
+    try:
+        image = load_image(file)
+    except FileNotFoundError as error:
+        raise MissingFileError("image", str(error)) from None
+    except ValueError as error:
+        raise InvalidFieldError("image", str(error)) from None
+    if (image.height, image.width) != (height, width):
+        raise InvalidFieldError(
+            "height" if image.height != height else "width",
+            f"annotated size {height}x{width} (height x width) but the image {path} is {image.height}x{image.width} "
+            "(after its EXIF orientation)",
+        )
+    return image
 
 
 def _is_number(value) -> bool:
@@ -149,7 +191,17 @@ def decode_mask(encoded: str) -> np.ndarray:
 
 
 def decode_mask_batch(batch: dict) -> dict:
-    """``Dataset.set_transform`` function replacing the encoded ``mask`` column by decoded ``uint8`` arrays."""
+    """``Dataset.set_transform`` function of the loaders' rows: decodes the encoded ``mask`` column to ``uint8`` arrays
+    and opens the ``image`` column (stored undecoded) with :func:`open_image`, raising an error that names the
+    annotation file, the record and the field when an image cannot be read or does not have the annotated size."""
     if "mask" in batch:
         batch["mask"] = [decode_mask(encoded) for encoded in batch["mask"]]
+    if "image" in batch:
+        images = []
+        for image, height, width, source in zip(batch["image"], batch["height"], batch["width"], batch["record"]):
+            try:
+                images.append(open_image(image["path"], height, width, image["bytes"]))
+            except InvalidFieldError as error:
+                raise record_error(source, error) from None
+        batch["image"] = images
     return batch

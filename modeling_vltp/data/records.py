@@ -9,15 +9,16 @@ from pathlib import Path
 
 from datasets import Dataset, Features, Image, Sequence, Value
 
-from .masks import InvalidFieldError, decode_mask_batch
+from .masks import MAX_IMAGE_SIDE, InvalidFieldError, MissingFileError, decode_mask_batch, open_image, record_error
 
 logger = logging.getLogger(__name__)
 
-# Stored schema. ``mask`` holds the encoded-mask JSON string (see ``masks.py``); the returned datasets
-# carry a transform that decodes it to a uint8 array when a sample is read.
+# Stored schema. ``image`` holds the image's absolute path and ``mask`` the encoded-mask JSON string (see
+# ``masks.py``); the returned datasets carry a transform that opens the one and decodes the other when a sample is
+# read. ``record`` names the annotation file and record of the row, for the errors of that transform.
 FEATURES = Features(
     {
-        "image": Image(),
+        "image": Image(decode=False),
         "task": Value("string"),
         "mask": Value("string"),
         "image_id": Value("int64"),
@@ -25,15 +26,12 @@ FEATURES = Features(
         "boxes": Sequence(Sequence(Value("float32"), length=4)),
         "height": Value("int32"),
         "width": Value("int32"),
+        "record": Value("string"),
     }
 )
 
 # Bump when the rows built from the same files change, so cached Arrow files are not reused.
-_CACHE_VERSION = 1
-
-
-class MissingFileError(InvalidFieldError):
-    """A file a record points to (an image) does not exist; reported as ``FileNotFoundError``."""
+_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class SkippedRecord:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.record}: field '{self.field}': {self.reason}"
+        return str(record_error(f"{self.file}: {self.record}", InvalidFieldError(self.field, self.reason)))
 
 
 class BadRecords:
@@ -58,21 +56,24 @@ class BadRecords:
         self.skipped: list[SkippedRecord] = []
 
     def add(self, file: Path, record: str, error: InvalidFieldError) -> None:
-        bad = SkippedRecord(str(file), record, error.field, error.reason)
         if not self.skip:
-            raise (FileNotFoundError if isinstance(error, MissingFileError) else ValueError)(str(bad)) from None
-        self.skipped.append(bad)
+            raise record_error(f"{file}: {record}", error) from None
+        self.skipped.append(SkippedRecord(str(file), record, error.field, error.reason))
 
 
 def read_json(path: Path):
-    """Read an annotation file: ``FileNotFoundError`` if missing, ``ValueError`` if not JSON, naming the file."""
+    """Read an annotation file: ``FileNotFoundError`` if missing, ``ValueError`` if not UTF-8 JSON, naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {error.start}: {error.reason}): annotation files are UTF-8 JSON"
+        ) from None
 
 
 def require(record: dict, field: str, kind: type | tuple, field_path: str | None = None):
@@ -88,18 +89,27 @@ def require(record: dict, field: str, kind: type | tuple, field_path: str | None
 
 
 def require_size(record: dict) -> tuple[int, int]:
-    """The record's positive integer ``height`` and ``width``."""
+    """The record's ``height`` and ``width``: positive integers of at most ``MAX_IMAGE_SIDE``."""
     height, width = require(record, "height", int), require(record, "width", int)
     if height <= 0 or width <= 0:
         raise InvalidFieldError("height" if height <= 0 else "width", f"image size {height}x{width} is not positive")
+    if max(height, width) > MAX_IMAGE_SIDE:
+        raise InvalidFieldError(
+            "height" if height > MAX_IMAGE_SIDE else "width",
+            f"image size {height}x{width} exceeds the limit of {MAX_IMAGE_SIDE} pixels per side",
+        )
     return height, width
 
 
-def require_image(path: Path, field: str) -> str:
-    """``path`` as a string if the image exists, else a ``MissingFileError`` for ``field``."""
+def require_image(path: Path, field: str, check_size: tuple[int, int] | None = None) -> str:
+    """The absolute path of an existing image (so that rows, and their cache, do not depend on the working
+    directory), else a ``MissingFileError`` for ``field``. With ``check_size`` (height, width), the image is also
+    opened and compared with it (the loaders' ``check_images``)."""
     if not path.is_file():
         raise MissingFileError(field, f"image file not found: {path}")
-    return str(path)
+    if check_size is not None:
+        open_image(str(path), *check_size)
+    return os.path.abspath(path)
 
 
 def _yield_rows(rows):
@@ -109,9 +119,16 @@ def _yield_rows(rows):
 def build_dataset(rows: list[dict], files: list[Path], options: dict, title: str, bad: BadRecords) -> Dataset:
     """Build the dataset from validated rows, record what was skipped, and attach the mask-decoding transform.
 
+    Raises ``ValueError`` when no row is left, listing the skipped records.
+
     The cache fingerprint combines the annotation files' size and modification time, the loader
     options and the skipped records, so an edited file or a newly present image is never served stale.
     """
+    if not rows:
+        if bad.skipped:
+            details = "\n".join(str(s) for s in bad.skipped)
+            raise ValueError(f"{title}: every record is bad, {len(bad.skipped)} skipped:\n{details}")
+        raise ValueError(f"{title}: no records in {', '.join(str(f) for f in files)}")
     key = {
         "version": _CACHE_VERSION,
         "files": [(str(f.resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],

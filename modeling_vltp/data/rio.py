@@ -7,6 +7,7 @@ segmentation per positive instance). The target is the union of ``mask_list``. T
 COCO ``train2014``, the common and uncommon test images from ``val2014``.
 """
 
+import os
 from pathlib import Path
 
 from datasets import Dataset
@@ -30,7 +31,7 @@ def _expression(record: dict) -> str:
     return expressions
 
 
-def _rio_row(record, image_folder: Path, coco_folder: str) -> dict:
+def _rio_row(record, image_folder: Path, coco_folder: str, check_images: bool) -> dict:
     if not isinstance(record, dict):
         raise InvalidFieldError("<record>", f"expected a JSON object, got {type(record).__name__}")
     image_id = require(record, "image_id", int)
@@ -43,7 +44,8 @@ def _rio_row(record, image_folder: Path, coco_folder: str) -> dict:
     segmentations = require(record, "mask_list", list)
     for i, segmentation in enumerate(segmentations):
         check_segmentation(segmentation, height, width, f"mask_list[{i}]")
-    image = require_image(image_folder / f"COCO_{coco_folder}_{image_id:012d}.jpg", "image_id")
+    image_file = image_folder / f"COCO_{coco_folder}_{image_id:012d}.jpg"
+    image = require_image(image_file, "image_id", (height, width) if check_images else None)
     return {
         "image": image,
         "task": task,
@@ -56,7 +58,9 @@ def _rio_row(record, image_folder: Path, coco_folder: str) -> dict:
     }
 
 
-def load_rio(annotation_path, image_dir, split: str, skip_bad_records: bool = False) -> Dataset:
+def load_rio(
+    annotation_path, image_dir, split: str, skip_bad_records: bool = False, check_images: bool = False
+) -> Dataset:
     """Load one RIO split as a ``datasets.Dataset`` (one row per record; schema in ``docs/data.md``).
 
     Args:
@@ -65,10 +69,12 @@ def load_rio(annotation_path, image_dir, split: str, skip_bad_records: bool = Fa
         split: ``"train"``, ``"common"`` or ``"uncommon"``.
         skip_bad_records: leave out records with a missing or malformed field or a missing image instead
             of raising; they are logged as a warning and listed in ``dataset.info.description``.
+        check_images: open every image while loading, so that an unreadable image or one whose size is not the
+            annotated one is reported (or skipped) now rather than when its row is read.
 
     Raises:
         FileNotFoundError: the annotation file or an image is missing (message: file, record index, field).
-        ValueError: a record is malformed (message: file, record index, field).
+        ValueError: a record is malformed, or no record is left (message: file, record index, field).
     """
     if split not in RIO_SPLITS:
         raise ValueError(f"RIO split must be one of {RIO_SPLITS}, got {split!r}")
@@ -87,8 +93,10 @@ def load_rio(annotation_path, image_dir, split: str, skip_bad_records: bool = Fa
     rows = []
     for index, record in enumerate(records):
         try:
-            rows.append(_rio_row(record, image_folder, coco_folder))
+            row = _rio_row(record, image_folder, coco_folder, check_images)
         except InvalidFieldError as error:
             bad.add(annotation_file, f"record {index}", error)
+            continue
+        rows.append({**row, "record": f"{os.path.abspath(annotation_file)}: record {index}"})
     options = {"loader": "rio", "split": split, "image_dir": str(Path(image_dir).resolve())}
     return build_dataset(rows, [annotation_file], options, f"RIO {split}", bad)

@@ -168,6 +168,7 @@ BACKGROUNDS = ("plain", "gradient", "noise", "grid")
 SPLITS = {"rio": ("train", "common", "uncommon"), "coco_tasks": ("train", "test")}
 _SPLIT_INDEX = {"train": 0, "common": 1, "uncommon": 2, "test": 3}
 _EVALUATION_SPLITS = ("uncommon", "test")
+_MAX_IMAGE_SIZE = 2048  # a synthetic scene needs no more; far larger sizes exhaust memory
 _MAX_IMAGES = 100_000  # image ids of split s are s * _MAX_IMAGES + 1, ...
 _MIN_VISIBLE_FRACTION = 0.5  # a new object may hide at most half of any earlier one
 
@@ -322,7 +323,10 @@ def _annotation(obj: SceneObject, full: np.ndarray, visible: np.ndarray, compres
     return {"segmentation": segmentation, "bbox": box, "area": int(mask_utils.area(rle))}
 
 
-def _check_arguments(num_images: int, image_size: int, format: str, split: str, holdout) -> None:
+def _check_arguments(
+    num_images: int, seed: int, image_size: int, format: str, split: str, holdout, tasks_per_image: int
+) -> None:
+    """Refuses bad arguments of [`generate`] before anything is written."""
     if format not in SPLITS:
         raise ValueError(f"format must be one of {tuple(SPLITS)}, got {format!r}")
     if split not in SPLITS[format]:
@@ -333,8 +337,12 @@ def _check_arguments(num_images: int, image_size: int, format: str, split: str, 
         raise ValueError("holdout='phrasing' needs format='rio': COCO-Tasks sentences come from one template")
     if not 1 <= num_images < _MAX_IMAGES:
         raise ValueError(f"num_images must be in 1..{_MAX_IMAGES - 1}, got {num_images}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be at least 32, got {image_size}")
+    if not 32 <= image_size <= _MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be in 32..{_MAX_IMAGE_SIZE}, got {image_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if not 1 <= tasks_per_image <= len(TASKS):
+        raise ValueError(f"tasks_per_image must be in 1..{len(TASKS)}, got {tasks_per_image}")
 
 
 def generate(
@@ -356,7 +364,7 @@ def generate(
             or ``load_coco_tasks(out_dir, out_dir, split, task_names=TASK_NAMES)``.
         num_images: number of images.
         seed: random seed; the same seed, split and arguments give identical files.
-        image_size: side of the square images, in pixels.
+        image_size: side of the square images, in pixels (32 to 2048).
         format: ``"rio"`` or ``"coco_tasks"``.
         split: ``"train"``, ``"common"`` or ``"uncommon"`` (RIO); ``"train"`` or ``"test"`` (COCO-Tasks).
         holdout: ``None``, ``"phrasing"`` or ``"objects"``: what the evaluation split holds out (module docstring).
@@ -366,9 +374,7 @@ def generate(
     Returns:
         The scenes, in image-id order.
     """
-    _check_arguments(num_images, image_size, format, split, holdout)
-    if not 1 <= tasks_per_image <= len(TASKS):
-        raise ValueError(f"tasks_per_image must be in 1..{len(TASKS)}, got {tasks_per_image}")
+    _check_arguments(num_images, seed, image_size, format, split, holdout, tasks_per_image)
     evaluation = split in _EVALUATION_SPLITS
     shapes = tuple(s for s in SHAPE_TRAITS if holdout != "objects" or evaluation or s not in HELDOUT_SHAPES)
     first_shapes = HELDOUT_SHAPES if holdout == "objects" and evaluation else shapes
@@ -456,6 +462,8 @@ def _write_json(path: Path, data) -> None:
 
 
 def main(argv=None) -> None:
+    """The command line: one-line errors, exit status 2 for a bad argument and 1 for an output folder that cannot be
+    written."""
     parser = argparse.ArgumentParser(description="Write a synthetic task-oriented segmentation split.")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num-images", type=int, required=True)
@@ -466,16 +474,21 @@ def main(argv=None) -> None:
     parser.add_argument("--holdout", choices=("phrasing", "objects"), default=None)
     parser.add_argument("--tasks-per-image", type=int, default=3)
     args = parser.parse_args(argv)
-    scenes = generate(
-        args.out,
-        args.num_images,
-        seed=args.seed,
-        image_size=args.image_size,
-        format=args.format,
-        split=args.split,
-        holdout=args.holdout,
-        tasks_per_image=args.tasks_per_image,
-    )
+    try:
+        scenes = generate(
+            args.out,
+            args.num_images,
+            seed=args.seed,
+            image_size=args.image_size,
+            format=args.format,
+            split=args.split,
+            holdout=args.holdout,
+            tasks_per_image=args.tasks_per_image,
+        )
+    except ValueError as error:  # a bad argument: nothing was written
+        parser.error(str(error))
+    except OSError as error:  # the output folder cannot be written
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     print(f"wrote {len(scenes)} {args.split} images in {args.format} format to {args.out}")
 
 
