@@ -47,7 +47,8 @@ class VLTPVisionConfig(SamVisionConfig):
     prune_decoder_num_hidden_layers (`int`, *optional*, defaults to 2):
         Number of two-way attention blocks of the prune decoder.
     prune_decoder_num_attention_heads (`int`, *optional*, defaults to 8):
-        Attention heads of the prune decoder.
+        Attention heads of the prune decoder; must divide `prune_decoder_hidden_size` and its cross-attention width
+        `prune_decoder_hidden_size // prune_decoder_attention_downsample_rate`.
     prune_decoder_mlp_dim (`int`, *optional*, defaults to 2048):
         Hidden width of the prune decoder's MLPs.
     prune_decoder_attention_downsample_rate (`int`, *optional*, defaults to 2):
@@ -57,6 +58,11 @@ class VLTPVisionConfig(SamVisionConfig):
         would leave a freshly initialised prune decoder without signal).
     prune_temperature (`float`, *optional*, defaults to 1.0):
         Temperature of the sigmoid that smooths the top-k selection of Eq. 11 during training.
+
+    The LayerNorms of the prune decoder's two-way transformer use this config's `layer_norm_eps`, the ViT's (1e-6 in
+    SAM's configs): the prune decoder reuses transformers' `SamTwoWayTransformer`, which reads `layer_norm_eps` from
+    its config as transformers' `SamMaskDecoder` does, and a vision config has one such field. Meta's
+    `segment_anything` two-way transformer uses `nn.LayerNorm`'s default 1e-5 instead.
 
     Example:
 
@@ -107,10 +113,19 @@ class VLTPVisionConfig(SamVisionConfig):
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"prune_layers must be strictly increasing (sorted, no duplicates), got {layers}.")
         check_prune_rates(rates, len(layers))
-        if self.prune_decoder_hidden_size % self.prune_decoder_num_attention_heads:
+        sizes = ["prune_decoder_hidden_size", "prune_decoder_num_hidden_layers", "prune_decoder_num_attention_heads"]
+        sizes += ["prune_decoder_mlp_dim", "prune_decoder_attention_downsample_rate", "guidance_dim"]
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        hidden, heads = self.prune_decoder_hidden_size, self.prune_decoder_num_attention_heads
+        cross_width = hidden // self.prune_decoder_attention_downsample_rate
+        if hidden % heads or cross_width % heads:
             raise ValueError(
-                f"prune_decoder_hidden_size ({self.prune_decoder_hidden_size}) must be divisible by "
-                f"prune_decoder_num_attention_heads ({self.prune_decoder_num_attention_heads})."
+                f"prune_decoder_num_attention_heads ({heads}) must divide prune_decoder_hidden_size ({hidden}) and "
+                f"its cross-attention width prune_decoder_hidden_size // prune_decoder_attention_downsample_rate "
+                f"({cross_width})."
             )
 
     @classmethod

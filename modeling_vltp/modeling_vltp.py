@@ -33,10 +33,14 @@ from transformers.models.sam.modeling_sam import (
     SamPositionalEmbedding,
     SamPromptEncoder,
     SamTwoWayTransformer,
+    SamVisionAttention,
     SamVisionEncoder,
     SamVisionLayer,
+    SamVisionSdpaAttention,
 )
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
 
@@ -56,9 +60,16 @@ class VLTPVisionOutput(ModelOutput):
     keep_probs (`tuple(torch.FloatTensor)`, one `(batch_size, grid * grid)` tensor per pruning stage):
         The smoothed pruning mask of Eq. 11, `sigmoid((P_s - t_m) / temperature)` with t_m the K_m-th highest score:
         what the pruning loss of Eq. 12 is computed on. `None` without guidance.
-    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states` is given):
         The full-grid tokens (B, grid, grid, hidden_size) after the patch embedding and after every layer; pruned
-        tokens hold their frozen features.
+        tokens hold their frozen features. With a list of indices, the entries not selected are `None`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True` with eager attention):
+        One tensor per layer. Dense layers as in SAM: `(B * heads, L, L)` over the grid (global) or over each padded
+        window's places (windowed, `B * windows * heads` rows). Pruned layers:
+        - global: `(B * heads, K, K)`, the attention of each kept token over the kept tokens, both in the order of
+          that stage's `keep_indices`;
+        - windowed: `(B * windows * heads, window**2, window**2)` as SAM's; columns of pruned tokens are 0 (they are
+          no keys); rows of pruned tokens are computed but discarded, like the rows of SAM's padding places.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -66,6 +77,7 @@ class VLTPVisionOutput(ModelOutput):
     keep_indices: tuple[torch.LongTensor, ...] | None = None
     keep_probs: tuple[torch.FloatTensor, ...] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class VLTPPruneDecoder(nn.Module):
@@ -99,14 +111,16 @@ class VLTPPruneDecoder(nn.Module):
         self.transformer = SamTwoWayTransformer(transformer_config)
         self.positional_embedding = SamPositionalEmbedding(_PositionalEmbeddingSize(hidden))
 
-    def image_positional_embeddings(self, dtype: torch.dtype) -> torch.Tensor:
-        """SAM-style random-Fourier positional encoding of the token grid, (d, grid, grid)."""
+    def image_positional_embeddings(self, like: torch.Tensor) -> torch.Tensor:
+        """SAM-style random-Fourier positional encoding of the token grid, (d, grid, grid), on the device and in the
+        dtype of `like`. The coordinates are made there, not next to the parameter, which offloading may keep on the
+        meta device until `positional_embedding`'s own `forward` loads it."""
         size = self.grid_size
-        device = self.positional_embedding.positional_embedding.device
+        device = like.device
         centers = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
         y, x = torch.meshgrid(centers, centers, indexing="ij")
         encoding = self.positional_embedding(torch.stack([x, y], dim=-1))
-        return encoding.permute(2, 0, 1).to(dtype)
+        return encoding.permute(2, 0, 1).to(like.dtype)
 
     def forward(self, image_tokens: torch.Tensor, guidance_embeds: torch.Tensor) -> torch.Tensor:
         """Relevance logits (B, grid * grid) of the tokens `image_tokens` (B, grid, grid, D) to the guidance (B, g)."""
@@ -116,7 +130,7 @@ class VLTPPruneDecoder(nn.Module):
         guidance = self.guidance_proj(guidance_embeds.to(image.dtype))
         query = self.query_token.to(image.dtype).expand(batch_size, -1)
         tokens = torch.stack([query, guidance], dim=1)[:, None]  # (B, 1, 2, d): one "point batch" of two tokens
-        positional = self.image_positional_embeddings(image.dtype).expand(batch_size, -1, -1, -1)
+        positional = self.image_positional_embeddings(image).expand(batch_size, -1, -1, -1)
         tokens_out, image_out = self.transformer(
             point_embeddings=tokens,
             image_embeddings=image,
@@ -164,7 +178,7 @@ class VLTPPreTrainedModel(PreTrainedModel):
     base_model_prefix = "vltp"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    _no_split_modules = ["SamVisionLayer", "VLTPPruneDecoder"]
+    _no_split_modules = ["VLTPSamVisionLayer", "VLTPPruneDecoder"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
@@ -184,6 +198,156 @@ class VLTPPreTrainedModel(PreTrainedModel):
                 if isinstance(layer, (nn.Linear, nn.Conv2d)):
                     init.normal_(layer.weight, std=std)
             init.normal_(module.query_token, std=1.0)
+
+
+def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B', L, 3C) -> three (B', heads, L, head_dim)."""
+    batch_size, length, _ = qkv.shape
+    return qkv.view(batch_size, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _merge_heads(attn_output: torch.Tensor) -> torch.Tensor:
+    """(B', heads, L, head_dim) -> (B', L, C)."""
+    batch_size, _, length, _ = attn_output.shape
+    return attn_output.transpose(1, 2).reshape(batch_size, length, -1)
+
+
+class _PackedAttention:
+    """Mixin for SAM's vision attention classes: with `kept_tokens` the attention runs on the kept tokens only.
+
+    `hidden_states` is then the packed (B, K, C) LayerNorm output of the kept tokens (raster order), and the result is
+    `(proj(attention output) (B, K, C), attention weights or None)`. Every parameter (qkv, proj, relative positions)
+    is used inside this module's `forward`, so device hooks (accelerate's offload) and sharding wrappers see them.
+    The eager class returns the weights, the SDPA class `None`, as SAM's own classes do:
+
+    - global layer: `(B * heads, K, K)`, the attention of each kept token over the kept tokens (both in the order of
+      `keep_indices`);
+    - windowed layer: `(B * windows * heads, window**2, window**2)` over the places of SAM's padded window grid, as
+      SAM's windowed layers return it; columns of pruned places are 0 (they are no keys), rows of pruned places are
+      computed but discarded (their features do not change), like SAM's rows of padding places.
+    """
+
+    def __init__(self, config, window_size: int):
+        super().__init__(config, window_size)
+        self.window_size = window_size
+        self.grid_size = config.image_size // config.patch_size
+
+    def forward(self, hidden_states: torch.Tensor, kept_tokens: "_KeptTokens | None" = None, output_attentions=None):
+        if kept_tokens is None:
+            return super().forward(hidden_states)
+        qkv = self.qkv(hidden_states)
+        if self.window_size > 0:
+            attn_output, attn_weights = self._packed_window_attention(qkv, kept_tokens)
+        else:
+            attn_output, attn_weights = self._packed_global_attention(qkv, kept_tokens)
+        return self.proj(attn_output), attn_weights
+
+    def _attend(self, query, key, value, bias):
+        """Attention of (B', heads, L, head_dim) tensors with an additive bias; eager returns the weights too."""
+        if isinstance(self, SamVisionSdpaAttention):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=bias), None
+        logits = (query * self.scale) @ key.transpose(-2, -1) + bias
+        attn_weights = F.softmax(logits, dtype=torch.float32, dim=-1).to(query.dtype)
+        probs = F.dropout(attn_weights, p=self.dropout, training=self.training)
+        return probs @ value, attn_weights.flatten(0, 1)
+
+    def _packed_window_attention(self, qkv: torch.Tensor, kept: "_KeptTokens"):
+        window = self.window_size
+        batch_size, _, width3 = qkv.shape
+        num_windows = kept.window_key_bias.shape[0] // batch_size
+        # SAM pads the LayerNorm output with zeros: a padding place's qkv is qkv(0), the bias if there is one.
+        fill = self.qkv(qkv.new_zeros(1, qkv.shape[-1] // 3))
+        windows = fill.expand(batch_size, num_windows * window**2, width3)
+        windows = windows.scatter(1, kept.window_indices[..., None].expand(-1, -1, width3), qkv)
+        query, key, value = _split_heads(
+            windows.view(batch_size * num_windows, window**2, width3), self.num_attention_heads
+        )
+        flat_windows, heads, length, head_dim = query.shape
+        bias = kept.window_key_bias.expand(-1, heads, length, -1)
+        if self.use_rel_pos:
+            # SAM's decomposed relative position within a window, built so that the (windows, heads, L, L) bias comes
+            # out contiguous (transformers' version leaves it strided, and reshaping it copies the largest tensor).
+            grid_query = query.reshape(flat_windows * heads, window, window, head_dim)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", grid_query, self.get_rel_pos(window, window, self.rel_pos_h))
+            rel_w = torch.einsum("bhwc,wkc->bhwk", grid_query, self.get_rel_pos(window, window, self.rel_pos_w))
+            rel_pos = rel_h.contiguous()[..., :, None] + rel_w.contiguous()[..., None, :]
+            bias = rel_pos.view(flat_windows, heads, length, length).add_(kept.window_key_bias)
+        attn_output, attn_weights = self._attend(query, key, value, bias)
+        attn_output = _merge_heads(attn_output).reshape(batch_size, num_windows * window**2, -1)
+        attn_output = attn_output.gather(1, kept.window_indices[..., None].expand(-1, -1, attn_output.shape[-1]))
+        return attn_output, attn_weights
+
+    def _packed_global_attention(self, qkv: torch.Tensor, kept: "_KeptTokens"):
+        grid = self.grid_size
+        query, key, value = _split_heads(qkv, self.num_attention_heads)
+        bias = query.new_zeros(())
+        if self.use_rel_pos:
+            # Decomposed relative position at original coordinates: bias[i, j] = q_i R_h[h_i, h_j] + q_i R_w[w_i, w_j]
+            rel_h = self.get_rel_pos(grid, grid, self.rel_pos_h)[kept.rows]  # (B, K, grid, head_dim)
+            rel_w = self.get_rel_pos(grid, grid, self.rel_pos_w)[kept.cols]
+            table_h = torch.einsum("bnkc,bkgc->bnkg", query, rel_h.to(query.dtype))  # (B, heads, K, grid)
+            table_w = torch.einsum("bnkc,bkgc->bnkg", query, rel_w.to(query.dtype))
+            num_heads, num_kept = query.shape[1], query.shape[2]
+            key_rows = kept.rows[:, None, None, :].expand(-1, num_heads, num_kept, -1)
+            key_cols = kept.cols[:, None, None, :].expand(-1, num_heads, num_kept, -1)
+            bias = table_h.gather(-1, key_rows) + table_w.gather(-1, key_cols)
+        attn_output, attn_weights = self._attend(query, key, value, bias)
+        return _merge_heads(attn_output), attn_weights
+
+
+class VLTPSamVisionAttention(_PackedAttention, SamVisionAttention):
+    """SAM's eager vision attention, able to run on the kept tokens only (see `_PackedAttention`)."""
+
+
+class VLTPSamVisionSdpaAttention(_PackedAttention, SamVisionSdpaAttention):
+    """SAM's SDPA vision attention, able to run on the kept tokens only (see `_PackedAttention`)."""
+
+
+VLTP_SAM_VISION_ATTENTION_CLASSES = {"eager": VLTPSamVisionAttention, "sdpa": VLTPSamVisionSdpaAttention}
+
+
+class VLTPSamVisionLayer(SamVisionLayer):
+    """`SamVisionLayer` that runs on the kept tokens only when given `kept_tokens`.
+
+    Its parameters keep `SamVisionLayer`'s names. It is always called as a module, so forward hooks (output capture,
+    accelerate's offload), FSDP2's `fully_shard` and transformers' gradient checkpointing (with the user's
+    `gradient_checkpointing_kwargs`) apply to pruned layers exactly as to dense ones.
+    """
+
+    def __init__(self, config, window_size: int):
+        super().__init__(config, window_size)
+        self.attn = VLTP_SAM_VISION_ATTENTION_CLASSES[config._attn_implementation](config, window_size)
+
+    def forward(self, hidden_states: torch.Tensor, kept_tokens: "_KeptTokens | None" = None) -> torch.Tensor:
+        """(B, grid, grid, C) -> (B, grid, grid, C). With `kept_tokens`, LayerNorm, attention and MLP run on a packed
+        (B, K, C) gather of the kept tokens, which are scattered back; the other tokens pass unchanged."""
+        if kept_tokens is None:
+            return super().forward(hidden_states)
+        batch_size, grid, _, channels = hidden_states.shape
+        full = hidden_states.reshape(batch_size, grid * grid, channels)
+        index = kept_tokens.indices[..., None].expand(-1, -1, channels)
+        packed = full.gather(1, index)
+        attn_output, _ = self.attn(self.layer_norm1(packed), kept_tokens)
+        packed = packed + attn_output
+        packed = packed + self.mlp(self.layer_norm2(packed))
+        return full.scatter(1, index, packed).view_as(hidden_states)
+
+
+class VLTPSamVisionEncoder(SamVisionEncoder):
+    """`SamVisionEncoder`'s modules and parameter names, with [`VLTPSamVisionLayer`]s as layers."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for i, layer in enumerate(self.layers):
+            self.layers[i] = VLTPSamVisionLayer(config, layer.window_size)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch embedding plus the absolute positions, (B, grid, grid, C). [`VLTPSamVisionModel`] runs the
+        layers (pruning between them) and the neck itself; `pos_embed` is read here, in its own module's `forward`,
+        where accelerate's offload hooks load it."""
+        hidden_states = self.patch_embed(pixel_values)
+        return hidden_states if self.pos_embed is None else hidden_states + self.pos_embed
 
 
 class VLTPSamVisionModel(VLTPPreTrainedModel):
@@ -211,10 +375,12 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
       the pruning loss of Eq. 12 ([`vltp_pruning_loss`]) supervises `keep_probs` directly.
     """
 
+    _can_record_outputs = {"hidden_states": VLTPSamVisionLayer, "attentions": SamVisionAttention}
+
     def __init__(self, config: VLTPVisionConfig):
         super().__init__(config)
         config.validate_pruning()
-        self.vision_encoder = SamVisionEncoder(config)
+        self.vision_encoder = VLTPSamVisionEncoder(config)
         self.prune_decoder = VLTPPruneDecoder(config)
         self.post_init()
 
@@ -230,34 +396,41 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         num_tokens = self.grid_size**2
         return max(1, num_tokens - round(prune_rate * num_tokens))
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
         guidance_embeds: torch.Tensor | None = None,
         prune_rates: list[float] | tuple[float, ...] | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        image_indices: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VLTPVisionOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
             Images as SAM's image processor prepares them (longest side resized, normalised, padded).
-        guidance_embeds (`torch.FloatTensor` of shape `(batch_size, guidance_dim)`, *optional*):
-            The vision-language guidance (the projected `[SEG]` hidden state). Without it nothing is pruned.
+        guidance_embeds (`torch.FloatTensor` of shape `(num_guidances, guidance_dim)`, *optional*):
+            The vision-language guidance (the projected `[SEG]` hidden state). Without it nothing is pruned, and
+            `prune_rates` is refused. Non-finite values are refused (they would make the kept set arbitrary).
         prune_rates (`list[float]`, *optional*):
             One rate in [0, 1) per stage, overriding `config.prune_rates` for this call (the paper's zero-shot rate
             changes, Table 4).
+        image_indices (`torch.LongTensor` of shape `(num_guidances,)`, *optional*):
+            The image of `pixel_values` each guidance belongs to, for several guidances (tasks) per image. The patch
+            embedding and the dense layers before the first pruning stage do not depend on the guidance: they run once
+            per image, and their output is then repeated for each of its guidances (`index_select`); the pruned stages
+            and the neck run once per guidance, so every output has one row per guidance. Without it guidance `s`
+            belongs to image `s` (`num_guidances == batch_size`). Hidden states and attentions of the layers before
+            the first stage have one row per image.
+        output_hidden_states (`bool` or `list[int]`, *optional*):
+            As in transformers: `True` for every hidden state, or the indices of those to return (the others are
+            `None`).
+        output_attentions (`bool`, *optional*):
+            Return each layer's attention weights (eager attention only, as in SAM); for pruned layers see
+            [`VLTPVisionOutput.attentions`].
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        prune_rates = self._check_inputs(pixel_values, guidance_embeds, prune_rates)
-
+        prune_rates = self._check_inputs(pixel_values, guidance_embeds, prune_rates, image_indices)
         encoder = self.vision_encoder
-        hidden_states = encoder.patch_embed(pixel_values)
-        if encoder.pos_embed is not None:
-            hidden_states = hidden_states + encoder.pos_embed
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        hidden_states = encoder(pixel_values)
 
         pruning = guidance_embeds is not None and len(self.config.prune_layers) > 0
         stage_starts = list(self.config.prune_layers) if pruning else []
@@ -265,35 +438,37 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         token_scores, keep_indices, keep_probs = [], [], []
         for stage, (start, end) in enumerate(zip(boundaries[:-1], boundaries[1:])):
             layers = encoder.layers[start:end]
-            if stage == 0:
-                hidden_states, all_hidden_states = self._run_dense(layers, hidden_states, all_hidden_states)
-                continue
-            scores = self.prune_decoder(hidden_states, guidance_embeds)
-            kept, probs = select_tokens(
-                scores, self.num_kept_tokens(prune_rates[stage - 1]), self.config.prune_temperature
-            )
-            token_scores.append(scores)
-            keep_indices.append(kept)
-            keep_probs.append(probs)
-            if kept.shape[-1] == scores.shape[-1]:
-                hidden_states, all_hidden_states = self._run_dense(layers, hidden_states, all_hidden_states)
-            else:
-                gate = _straight_through_gate(probs, kept) if torch.is_grad_enabled() and probs.requires_grad else None
-                hidden_states, all_hidden_states = self._run_pruned(
-                    layers, hidden_states, self._kept_tokens(kept, hidden_states.dtype), gate, all_hidden_states
+            kept = None
+            if stage > 0:
+                if stage == 1 and image_indices is not None:
+                    hidden_states = hidden_states.index_select(0, image_indices)  # the prefix, once per guidance
+                scores = self.prune_decoder(hidden_states, guidance_embeds)
+                indices, probs = select_tokens(
+                    scores, self.num_kept_tokens(prune_rates[stage - 1]), self.config.prune_temperature
                 )
+                token_scores.append(scores)
+                keep_indices.append(indices)
+                keep_probs.append(probs)
+                if indices.shape[-1] < scores.shape[-1]:  # with every token kept the stage runs densely
+                    kept = self._kept_tokens(indices, hidden_states.dtype)
+            stage_input = hidden_states
+            for layer in layers:
+                hidden_states = layer(hidden_states, kept)
+            if kept is not None and torch.is_grad_enabled() and keep_probs[-1].requires_grad:
+                # Straight-through: the gate is exactly 1 (values unchanged) but carries the prune decoder's gradient.
+                gate = _straight_through_gate(keep_probs[-1]).view(*hidden_states.shape[:-1], 1)
+                hidden_states = hidden_states * gate + stage_input * (1 - gate)
 
-        last_hidden_state = encoder.neck(hidden_states)
-        output = VLTPVisionOutput(
-            last_hidden_state=last_hidden_state,
+        if not pruning and image_indices is not None:
+            hidden_states = hidden_states.index_select(0, image_indices)
+        return VLTPVisionOutput(
+            last_hidden_state=encoder.neck(hidden_states),
             token_scores=tuple(token_scores) if pruning else None,
             keep_indices=tuple(keep_indices) if pruning else None,
             keep_probs=tuple(keep_probs) if pruning else None,
-            hidden_states=all_hidden_states,
         )
-        return output if return_dict else output.to_tuple()
 
-    def _check_inputs(self, pixel_values, guidance_embeds, prune_rates) -> list[float]:
+    def _check_inputs(self, pixel_values, guidance_embeds, prune_rates, image_indices) -> list[float]:
         config = self.config
         expected = (config.num_channels, config.image_size, config.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -302,13 +477,44 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
                 f"processor prepares them (resized to longest side {config.image_size}, padded), got "
                 f"{tuple(pixel_values.shape)}."
             )
+        num_images = pixel_values.shape[0]
+        if image_indices is not None:
+            if guidance_embeds is None:
+                raise ValueError("image_indices maps guidances to images, so it needs guidance_embeds.")
+            if image_indices.dim() != 1 or image_indices.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"image_indices must be a 1-D integer tensor (one image index per guidance), got dtype "
+                    f"{image_indices.dtype} and shape {tuple(image_indices.shape)}."
+                )
+            if _can_read_values(image_indices) and image_indices.numel():
+                low, high = image_indices.min().item(), image_indices.max().item()
+                if low < 0 or high >= num_images:
+                    raise ValueError(
+                        f"image_indices must be in [0, {num_images - 1}] (one of the {num_images} images of "
+                        f"pixel_values), got values from {low} to {high}."
+                    )
         if guidance_embeds is not None:
-            expected_guidance = (pixel_values.shape[0], config.guidance_dim)
+            if image_indices is None:
+                expected_guidance, rows = (num_images, config.guidance_dim), "one guidance per image"
+            else:
+                expected_guidance, rows = (image_indices.shape[0], config.guidance_dim), "one per image index"
             if tuple(guidance_embeds.shape) != expected_guidance:
                 raise ValueError(
-                    f"guidance_embeds must have shape (batch_size, guidance_dim) = {expected_guidance}, one guidance "
-                    f"per image, got {tuple(guidance_embeds.shape)}."
+                    f"guidance_embeds must have shape (num_guidances, guidance_dim) = {expected_guidance}, {rows}, "
+                    f"got {tuple(guidance_embeds.shape)}."
                 )
+            if _can_read_values(guidance_embeds) and not torch.isfinite(guidance_embeds).all():
+                raise ValueError(
+                    "guidance_embeds holds NaN or infinite values: the prune decoder's scores, and so the kept "
+                    "tokens, would be arbitrary."
+                )
+        elif prune_rates is not None and any(float(rate) > 0 for rate in prune_rates):
+            # Refused rather than ignored: a caller passing rates expects pruning, and would otherwise time or
+            # evaluate the dense model without noticing. All-zero rates ask for the dense computation, which runs.
+            raise ValueError(
+                f"prune_rates {list(prune_rates)} were given without guidance_embeds, but nothing is pruned without "
+                "guidance: pass guidance_embeds, or leave prune_rates out (or all 0) for the dense encoder."
+            )
         if prune_rates is None:
             return list(config.prune_rates)
         check_prune_rates(prune_rates, len(config.prune_layers))
@@ -339,104 +545,17 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
             kept.window_key_bias = key_bias.view(-1, 1, 1, window**2)
         return kept
 
-    def _run_dense(self, layers, hidden_states, all_hidden_states):
-        for layer in layers:
-            hidden_states = layer(hidden_states)
-            if all_hidden_states is not None:
-                all_hidden_states += (hidden_states,)
-        return hidden_states, all_hidden_states
 
-    def _run_pruned(self, layers, hidden_states, kept: _KeptTokens, gate, all_hidden_states):
-        batch_size, grid, _, channels = hidden_states.shape
-        full = hidden_states.reshape(batch_size, grid * grid, channels)
-        index = kept.indices[..., None].expand(-1, -1, channels)
-        packed_in = full.gather(1, index)
-        packed = packed_in
-        for layer in layers:
-            if layer.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                packed = torch.utils.checkpoint.checkpoint(
-                    _packed_layer_forward, layer, packed, kept, grid, use_reentrant=False
-                )
-            else:
-                packed = _packed_layer_forward(layer, packed, kept, grid)
-            if all_hidden_states is not None:
-                all_hidden_states += (full.scatter(1, index, packed).view_as(hidden_states),)
-        if gate is not None:
-            # Straight-through: `gate` is exactly 1 (`packed` is unchanged) but carries the prune decoder's gradient.
-            packed = packed * gate[..., None] + packed_in * (1 - gate[..., None])
-        return full.scatter(1, index, packed).view_as(hidden_states), all_hidden_states
+def _can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether input checks may read `tensor`'s values: not on the meta device (there are none), and not while
+    `torch.compile` traces (a graph cannot branch on them)."""
+    return tensor.device.type != "meta" and not torch.compiler.is_compiling()
 
 
-def _packed_layer_forward(layer: SamVisionLayer, packed: torch.Tensor, kept: _KeptTokens, grid: int) -> torch.Tensor:
-    """`SamVisionLayer.forward` on the kept tokens only: (B, K, C) -> (B, K, C)."""
-    attn = layer.attn
-    qkv = attn.qkv(layer.layer_norm1(packed))
-    if layer.window_size > 0:
-        attn_output = _packed_window_attention(attn, qkv, kept, layer.window_size)
-    else:
-        attn_output = _packed_global_attention(attn, qkv, kept, grid)
-    packed = packed + attn.proj(attn_output)
-    return packed + layer.mlp(layer.layer_norm2(packed))
-
-
-def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B', L, 3C) -> three (B', heads, L, head_dim)."""
-    batch_size, length, _ = qkv.shape
-    return qkv.view(batch_size, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def _merge_heads(attn_output: torch.Tensor) -> torch.Tensor:
-    """(B', heads, L, head_dim) -> (B', L, C)."""
-    batch_size, _, length, _ = attn_output.shape
-    return attn_output.transpose(1, 2).reshape(batch_size, length, -1)
-
-
-def _packed_window_attention(attn, qkv: torch.Tensor, kept: _KeptTokens, window: int) -> torch.Tensor:
-    batch_size, _, width3 = qkv.shape
-    num_windows = kept.window_key_bias.shape[0] // batch_size
-    # SAM pads the LayerNorm output with zeros, so a padding place's qkv is the qkv bias.
-    fill = attn.qkv.bias if attn.qkv.bias is not None else qkv.new_zeros(width3)
-    windows = fill.to(qkv.dtype).expand(batch_size, num_windows * window**2, width3)
-    windows = windows.scatter(1, kept.window_indices[..., None].expand(-1, -1, width3), qkv)
-    query, key, value = _split_heads(
-        windows.view(batch_size * num_windows, window**2, width3), attn.num_attention_heads
-    )
-    bias = kept.window_key_bias
-    if attn.use_rel_pos:
-        # SAM's decomposed relative position within a window, built so that the (windows, heads, L, L) bias comes out
-        # contiguous (transformers' version leaves it strided, and reshaping it copies the largest tensor here).
-        flat_windows, heads, length, head_dim = query.shape
-        grid_query = query.reshape(flat_windows * heads, window, window, head_dim)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", grid_query, attn.get_rel_pos(window, window, attn.rel_pos_h))
-        rel_w = torch.einsum("bhwc,wkc->bhwk", grid_query, attn.get_rel_pos(window, window, attn.rel_pos_w))
-        rel_pos = rel_h.contiguous()[..., :, None] + rel_w.contiguous()[..., None, :]
-        bias = rel_pos.view(flat_windows, heads, length, length).add_(bias)
-    attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-    attn_output = _merge_heads(attn_output).reshape(batch_size, num_windows * window**2, -1)
-    return attn_output.gather(1, kept.window_indices[..., None].expand(-1, -1, attn_output.shape[-1]))
-
-
-def _packed_global_attention(attn, qkv: torch.Tensor, kept: _KeptTokens, grid: int) -> torch.Tensor:
-    query, key, value = _split_heads(qkv, attn.num_attention_heads)
-    bias = None
-    if attn.use_rel_pos:
-        # Decomposed relative position at original coordinates: bias[i, j] = q_i . R_h[h_i, h_j] + q_i . R_w[w_i, w_j]
-        rel_h = attn.get_rel_pos(grid, grid, attn.rel_pos_h)[kept.rows]  # (B, K, grid, head_dim)
-        rel_w = attn.get_rel_pos(grid, grid, attn.rel_pos_w)[kept.cols]
-        table_h = torch.einsum("bnkc,bkgc->bnkg", query, rel_h.to(query.dtype))  # (B, heads, K, grid)
-        table_w = torch.einsum("bnkc,bkgc->bnkg", query, rel_w.to(query.dtype))
-        num_heads, num_kept = query.shape[1], query.shape[2]
-        key_rows = kept.rows[:, None, None, :].expand(-1, num_heads, num_kept, -1)
-        key_cols = kept.cols[:, None, None, :].expand(-1, num_heads, num_kept, -1)
-        bias = table_h.gather(-1, key_rows) + table_w.gather(-1, key_cols)
-    attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-    return _merge_heads(attn_output)
-
-
-def _straight_through_gate(keep_probs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """(B, K) gate whose value is exactly 1 and whose gradient is that of the kept tokens' smoothed mask."""
-    probs = keep_probs.gather(1, kept)
-    return (probs - probs.detach()) + 1.0
+def _straight_through_gate(keep_probs: torch.Tensor) -> torch.Tensor:
+    """(B, N) gate whose value is exactly 1 and whose gradient is that of the smoothed mask. Applied to a stage's
+    output it reaches only the kept tokens, since a pruned token's output equals its input."""
+    return (keep_probs - keep_probs.detach()) + 1.0
 
 
 def select_tokens(token_scores: torch.Tensor, num_keep: int, temperature: float = 1.0):
@@ -578,27 +697,33 @@ class _VLTPSamSide:
             return super().get_expanded_tied_weights_keys(all_submodels=True)
         return dict(self._tied_weights_keys)
 
-    def image_positional_embeddings(self, batch_size: int) -> torch.Tensor:
-        """SAM's dense positional encoding of the image-embedding grid, (B, d, grid, grid)."""
+    def image_positional_embeddings(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """SAM's dense positional encoding of the image-embedding grid, (B, d, grid, grid), on the device of
+        `image_embeddings` (not read from the parameter, which offloading keeps on the meta device until
+        `shared_image_embedding`'s own `forward` loads it)."""
         size = self.config.prompt_encoder_config.image_embedding_size
-        weight = self.shared_image_embedding.positional_embedding
-        centers = (torch.arange(size, device=weight.device, dtype=weight.dtype) + 0.5) / size
+        batch_size = image_embeddings.shape[0]
+        centers = (torch.arange(size, device=image_embeddings.device, dtype=torch.float32) + 0.5) / size
         y, x = torch.meshgrid(centers, centers, indexing="ij")
         encoding = self.shared_image_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
         return encoding[None].expand(batch_size, -1, -1, -1)
 
     def decode_masks(
-        self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None
+        self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None, image_indices=None
     ) -> tuple[torch.Tensor, torch.Tensor, VLTPVisionOutput]:
         """One mask per guidance: the pruned ViT guided by `seg_embeds` (S, d), then SAM's mask decoder prompted by
-        them. Returns low-resolution mask logits (S, h, w), predicted IoUs (S,) and the vision output."""
-        vision = self.vision_model(sam_pixel_values, guidance_embeds=seg_embeds, prune_rates=prune_rates)
+        them. `image_indices` (S,) names the image of `sam_pixel_values` each guidance belongs to (the ViT's dense
+        prefix then runs once per image); without it there is one image per guidance. Returns low-resolution mask
+        logits (S, h, w), predicted IoUs (S,) and the vision output."""
+        vision = self.vision_model(
+            sam_pixel_values, guidance_embeds=seg_embeds, prune_rates=prune_rates, image_indices=image_indices
+        )
         image_embeddings = vision.last_hidden_state
         num_masks = image_embeddings.shape[0]
         _, dense_embeddings = self.prompt_encoder(None, None, None, None)
         masks, iou_scores = self.mask_decoder(
             image_embeddings=image_embeddings,
-            image_positional_embeddings=self.image_positional_embeddings(num_masks).to(image_embeddings.dtype),
+            image_positional_embeddings=self.image_positional_embeddings(image_embeddings).to(image_embeddings.dtype),
             sparse_prompt_embeddings=seg_embeds[:, None, None, :].to(image_embeddings.dtype),
             dense_prompt_embeddings=dense_embeddings.to(image_embeddings.dtype).expand(num_masks, -1, -1, -1),
             multimask_output=False,

@@ -183,12 +183,11 @@ def test_packed_layers_with_every_token_kept_equal_sam_layers():
     encoder = model.vision_encoder
     with torch.no_grad():
         x = encoder.patch_embed(pixel_values) + encoder.pos_embed
-        layers = encoder.layers[2:6]  # windowed and global layers
-        expected = x
-        for layer in layers:
+        expected = actual = x
+        every_token = model._kept_tokens(torch.arange(100).expand(2, -1), x.dtype)
+        for layer in encoder.layers[2:6]:  # windowed and global layers
             expected = layer(expected)
-        every_token = torch.arange(100).expand(2, -1)
-        actual, _ = model._run_pruned(layers, x, model._kept_tokens(every_token, x.dtype), None, None)
+            actual = layer(actual, every_token)
     assert relative_error(actual, expected) <= 1e-5
 
 
@@ -244,6 +243,105 @@ def test_images_in_a_batch_are_pruned_independently():
     assert not torch.equal(batched.keep_indices[0][0], batched.keep_indices[0][1])
     assert torch.equal(single.keep_indices[1][0], batched.keep_indices[1][1])
     assert relative_error(single.last_hidden_state[0], batched.last_hidden_state[1]) <= 1e-5
+
+
+# --- several guidances per image: the dense prefix runs once per image -----------------------------------------------
+
+
+# Images 0, 1, 2 carry 2, 1 and 3 guidances, listed out of order.
+IMAGE_INDICES = [2, 0, 1, 2, 0, 2]
+
+
+@pytest.mark.parametrize("rates", [[0.5, 0.7], [0.0, 0.8]])
+def test_shared_prefix_equals_one_copy_of_the_image_per_guidance(rates):
+    """Stage 1 (layers 3-4) and stage 2 (layers 5-6) each hold a windowed and a global layer. Both paths run the same
+    operations on the same rows, but the prefix's matrix products see 3 images in one path and 6 in the other, and
+    the CPU's GEMM may block (and so sum) differently for another row count: float32 rounding, so 1e-5 relative
+    (observed: 0 or a few 1e-7). The kept sets must be identical."""
+    model = tiny_model()
+    pixel_values, _ = inputs(batch_size=3)
+    indices = torch.tensor(IMAGE_INDICES)
+    guidance = torch.randn(len(IMAGE_INDICES), GUIDANCE_DIM, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        shared = model(pixel_values, guidance_embeds=guidance, prune_rates=rates, image_indices=indices)
+        copies = model(pixel_values[indices], guidance_embeds=guidance, prune_rates=rates)
+    assert shared.last_hidden_state.shape == (6, 16, 10, 10)
+    assert relative_error(shared.last_hidden_state, copies.last_hidden_state) <= 1e-5
+    for mine, theirs in zip(shared.keep_indices, copies.keep_indices):
+        assert torch.equal(mine, theirs)
+    for mine, theirs in zip(shared.token_scores, copies.token_scores):
+        assert relative_error(mine, theirs) <= 1e-5
+    # two guidances of the same image prune differently
+    assert not torch.equal(shared.keep_indices[1][0], shared.keep_indices[1][3])
+
+
+def test_shared_prefix_runs_the_prefix_once_per_image():
+    model = tiny_model()
+    pixel_values, _ = inputs(batch_size=3)
+    guidance = torch.randn(len(IMAGE_INDICES), GUIDANCE_DIM)
+    rows = []
+    handle = model.vision_encoder.layers[0].register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        model(pixel_values, guidance_embeds=guidance, image_indices=torch.tensor(IMAGE_INDICES))
+    handle.remove()
+    assert rows == [3]
+
+
+def test_image_indices_without_pruning_give_one_row_per_guidance():
+    """Nothing to prune: the encoder runs once per image and the neck once per guidance."""
+    model = tiny_model(prune_layers=[], prune_rates=[])
+    pixel_values, _ = inputs(batch_size=2)
+    indices = torch.tensor([1, 1, 0])
+    with torch.no_grad():
+        shared = model(pixel_values, guidance_embeds=torch.randn(3, GUIDANCE_DIM), image_indices=indices)
+        dense = model(pixel_values).last_hidden_state
+    assert shared.keep_indices is None
+    # the neck runs on 3 rows here and 2 there: float32 rounding of another convolution blocking at most
+    assert relative_error(shared.last_hidden_state, dense[indices]) <= 1e-5
+
+
+def test_decode_masks_passes_image_indices_on():
+    """SAM's side decodes one mask per guidance from the shared prefix; tolerance as in the test above."""
+    from modeling_vltp import VLTPSamSegmenter
+    from modeling_vltp.testing import tiny_config as tiny_system_config
+
+    segmenter = randomized(VLTPSamSegmenter(tiny_system_config()))
+    pixel_values = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    guidance_dim = segmenter.config.vision_config.guidance_dim
+    seg_embeds = torch.randn(3, guidance_dim, generator=torch.Generator().manual_seed(3))
+    indices = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        masks, ious, vision = segmenter.decode_masks(pixel_values, seg_embeds, image_indices=indices)
+        expected_masks, expected_ious, _ = segmenter.decode_masks(pixel_values[indices], seg_embeds)
+    assert masks.shape[0] == 3 and vision.keep_indices[0].shape[0] == 3
+    assert relative_error(masks, expected_masks) <= 1e-5
+    assert relative_error(ious, expected_ious) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "guidances, indices, message",
+    [
+        (None, torch.tensor([0, 1]), "image_indices maps guidances to images, so it needs guidance_embeds"),
+        (3, torch.tensor([0, 1]), r"guidance_embeds must have shape \(num_guidances, guidance_dim\) = \(2, 24\)"),
+        (2, torch.tensor([0, 2]), r"image_indices must be in \[0, 1\]"),
+        (2, torch.tensor([-1, 0]), r"image_indices must be in \[0, 1\]"),
+        (2, torch.tensor([0.0, 1.0]), "image_indices must be a 1-D integer tensor"),
+        (2, torch.tensor([[0, 1]]), "image_indices must be a 1-D integer tensor"),
+    ],
+)
+def test_bad_image_indices_raise_clear_errors(guidances, indices, message):
+    model = tiny_model()
+    pixel_values, _ = inputs(batch_size=2)
+    guidance = torch.zeros(guidances, GUIDANCE_DIM) if guidances else None
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values, guidance_embeds=guidance, image_indices=indices)
+
+
+def test_all_zero_rates_without_guidance_run_the_dense_encoder():
+    model = tiny_model()
+    pixel_values, _ = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values, prune_rates=[0.0, 0.0])[0], model(pixel_values)[0])
 
 
 def test_forward_rates_override_the_config():
@@ -314,18 +412,6 @@ def test_pruning_loss_trains_the_prune_decoder_towards_the_target():
     assert ((kept * targets).sum() / targets.sum()).item() > 0.9, "the target patches must end up kept"
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    pixel_values, guidance = inputs()
-    grads = []
-    for checkpointing in (False, True):
-        model = tiny_model().train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model(pixel_values, guidance_embeds=guidance).last_hidden_state.sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
-
-
 # --- bad input -----------------------------------------------------------------------------------------------------
 
 
@@ -340,11 +426,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         ((2, 3, 160, 160), (2, GUIDANCE_DIM), [0.5, 1.0], r"prune_rates must each be in \[0, 1\)"),
         ((2, 3, 160, 160), (2, GUIDANCE_DIM), [-0.1, 0.5], r"prune_rates must each be in \[0, 1\)"),
         ((2, 3, 160, 160), (2, GUIDANCE_DIM), [0.5], "one rate per pruning stage"),
+        ((2, 3, 160, 160), None, [0.5, 0.5], "prune_rates .* were given without guidance_embeds"),
+        ((2, 3, 160, 160), "nan", None, "guidance_embeds holds NaN or infinite values"),
+        ((2, 3, 160, 160), "inf", None, "guidance_embeds holds NaN or infinite values"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pixel_shape, guidance_shape, rates, message):
     model = tiny_model()
-    guidance = torch.zeros(guidance_shape) if guidance_shape else None
+    if isinstance(guidance_shape, str):  # one non-finite value in a guidance of the right shape
+        guidance = torch.zeros(2, GUIDANCE_DIM).index_fill_(1, torch.tensor([3]), float(guidance_shape))
+    else:
+        guidance = torch.zeros(guidance_shape) if guidance_shape else None
     with pytest.raises(ValueError, match=message):
         model(torch.zeros(pixel_shape), guidance_embeds=guidance, prune_rates=rates)
 
@@ -358,6 +450,11 @@ def test_bad_inputs_raise_clear_errors(pixel_shape, guidance_shape, rates, messa
         (dict(prune_layers=[2, 6]), r"prune_layers must be 1-based layer numbers in \[1, 5\]"),
         (dict(prune_rates=[0.5, 1.0]), r"prune_rates must each be in \[0, 1\)"),
         (dict(prune_rates=[0.5]), "prune_rates must give one rate per pruning stage"),
+        (dict(prune_decoder_num_attention_heads=0), "prune_decoder_num_attention_heads must be a positive integer"),
+        (dict(prune_decoder_num_attention_heads=3), r"prune_decoder_num_attention_heads \(3\) must divide"),
+        (dict(prune_decoder_num_attention_heads=16), r"cross-attention width .* \(8\)"),
+        (dict(prune_decoder_mlp_dim=-1), "prune_decoder_mlp_dim must be a positive integer"),
+        (dict(guidance_dim=0), "guidance_dim must be a positive integer"),
     ],
 )
 def test_config_validation_names_the_field(fields, message):
