@@ -673,9 +673,11 @@ def merge_stage1(base_model: str, adapter_dir: str, output_dir: str) -> VLTPForT
     the processor to `output_dir` (as LISA's merge script does)."""
     from peft import PeftModel
 
+    # peft too: under ZeRO-3 it gathers the trainable token rows with collectives, which the main process would wait
+    # on alone.
     with outside_deepspeed():
         model = VLTPForTaskSegmentation.from_pretrained(base_model)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     VLTPProcessor.from_pretrained(base_model).save_pretrained(output_dir)
     return merged
