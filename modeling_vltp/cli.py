@@ -96,19 +96,16 @@ def _parse_ints(text: str) -> list[int]:
 
 
 def _open_image(path: str):
-    """The RGB image at `path`, or a one-line [`CommandError`] (missing, unreadable, or too large to decode safely).
-
-    Once merged, this should open images through the processor's shared image-opening function (EXIF orientation,
-    16-bit scaling)."""
-    from PIL import Image, UnidentifiedImageError
+    """The RGB image at `path` as a person sees it (the processor's `load_image`: EXIF orientation, 16-bit scaling), or
+    a one-line [`CommandError`] (missing, unreadable, or over PIL's decompression-bomb limit)."""
+    from .processing_vltp import load_image
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return load_image(path)
     except FileNotFoundError:
         raise CommandError(f"cannot read image {path!r}: no such file") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise CommandError(f"cannot read image {path!r}: {error}") from None
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 def _looks_local(name: str) -> bool:
@@ -202,6 +199,7 @@ def _save(image, path: str, what: str) -> None:
 
 def segment_command(args) -> None:
     from .configuration_vltp import check_prune_rates
+    from .processing_vltp import MAX_ASPECT_RATIO
     from .visualization import mask_image, overlay_mask, pruning_map
 
     _check_outputs(args)
@@ -217,11 +215,11 @@ def segment_command(args) -> None:
             check_prune_rates(args.prune_rates, len(vision_config.prune_layers), name="--prune-rates")
         except ValueError as error:
             raise CommandError(str(error)) from None
-    side = vision_config.image_size
-    if int(min(image.size) * side / max(image.size) + 0.5) < 1:
+    side, short, long = vision_config.image_size, min(image.size), max(image.size)
+    if long > MAX_ASPECT_RATIO * short or int(short * side / long + 0.5) < 1:  # the processor's bound, checked early
         raise CommandError(
-            f"image {args.image!r} is {image.width}x{image.height}: too elongated, its short side would be under one "
-            f"pixel at the model's input size {side}"
+            f"image {args.image!r} is {image.width}x{image.height}: too elongated for the model's {side} px input "
+            f"(at most 1:{MAX_ASPECT_RATIO}); crop it into less elongated pieces"
         )
     if args.model is None:
         print(

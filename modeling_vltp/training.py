@@ -673,9 +673,7 @@ def merge_stage1(base_model: str, adapter_dir: str, output_dir: str) -> VLTPForT
     the processor to `output_dir` (as LISA's merge script does)."""
     from peft import PeftModel
 
-    # peft too: under ZeRO-3 it gathers the trainable token rows with collectives, which the main process would wait
-    # on alone.
-    with outside_deepspeed():
+    with outside_deepspeed():  # a plain model: peft's ZeRO-3 code paths must not apply to it either
         model = VLTPForTaskSegmentation.from_pretrained(base_model)
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
@@ -1041,8 +1039,19 @@ def _sha256_files(files) -> str:
     for file in files:
         digest.update(file.name.encode())
         with open(file, "rb") as stream:
-            digest.update(hashlib.file_digest(stream, "sha256").digest())
+            _digest_stream(digest, stream)
     return digest.hexdigest()
+
+
+def _digest_stream(digest, stream, length: int | None = None) -> None:
+    """Feed `length` bytes of `stream` (the rest when `None`) into `digest`, 16 MiB at a time."""
+    while length is None or length > 0:
+        chunk = stream.read(1 << 24 if length is None else min(length, 1 << 24))
+        if not chunk:
+            break
+        digest.update(chunk)
+        if length is not None:
+            length -= len(chunk)
 
 
 def data_fingerprint(data: DataSettings) -> str:
@@ -1068,11 +1077,7 @@ def weights_fingerprint(model_dir, prefixes: tuple[str, ...] = ("",)) -> str:
         digest.update(f"{name}:{spec['dtype']}:{spec['shape']}:".encode())
         with open(file, "rb") as stream:
             stream.seek(start + begin)
-            remaining = end - begin
-            while remaining:
-                chunk = stream.read(min(remaining, 1 << 24))
-                digest.update(chunk)
-                remaining -= len(chunk)
+            _digest_stream(digest, stream, end - begin)
     return digest.hexdigest()
 
 
@@ -1268,17 +1273,24 @@ __all__ = [
     "VLTPTrainer",
     "build_seg_cache",
     "check_config",
+    "data_fingerprint",
     "evaluate_rates",
     "load_seg_cache",
     "load_split",
     "mask_overlaps",
     "merge_stage1",
+    "outside_deepspeed",
     "prepare_stage1_model",
+    "read_vltp_config",
+    "record_differences",
+    "run_record",
+    "seg_cache_info",
     "seg_embeddings",
     "train",
     "train_stage1",
     "train_stage2",
     "training_arguments",
     "vision_gmacs",
+    "weights_fingerprint",
     "write_back_segmenter",
 ]

@@ -26,6 +26,7 @@ from modeling_vltp.training import (
     VLTPDataCollator,
     load_seg_cache,
     mask_overlaps,
+    merge_stage1,
     prepare_stage1_model,
     run_record,
     train,
@@ -185,6 +186,29 @@ def test_stage1_with_gradient_checkpointing_and_bf16_trains_lora(world, base_mod
     before, after = weights(base_model), weights(output)
     name = "llava.model.language_model.layers.0.self_attn.q_proj.weight"
     assert summary.global_step == 1 and not torch.equal(before[name], after[name])
+
+
+def test_the_main_process_builds_its_models_outside_deepspeed_zero3(base_model, stage1, tmp_path):
+    """Issue 14.1: under ZeRO-3, `from_pretrained` on the main process alone (merging stage 1's adapter, the [SEG]
+    cache, stage 2's export) builds inside `zero.Init` and hangs. With a ZeRO-3 config active (a stand-in for
+    transformers' `HfDeepSpeedConfig`: deepspeed is not installed here, so a build inside `zero.Init` fails at once
+    instead of hanging), the merge builds a plain model and leaves the config active for the Trainer."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    class ZeRO3Config:
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    active = ZeRO3Config()
+    hf_deepspeed.set_hf_deepspeed_config(active)
+    try:
+        merge_stage1(str(base_model), str(stage1[0] / "adapter"), str(tmp_path / "merged"))
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    torch.testing.assert_close(weights(tmp_path / "merged"), weights(stage1[0]), rtol=0, atol=0)
 
 
 def test_seg_cache_holds_the_models_seg_embeddings(world, stage1, stage2):
@@ -487,27 +511,11 @@ def _rio_with_empty_masks(world: Path, target: Path) -> Path:
 
 
 def sam_checkpoint(target: Path) -> Path:
-    """A saved plain `SamModel` (SAM's small test sizes)."""
-    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+    """A saved plain `SamModel` (the conversion tests' tiny SAM)."""
+    from test_conversion import tiny_sam_config
+    from transformers import SamModel
 
-    vision = SamVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        output_channels=16,
-        image_size=64,
-        patch_size=8,
-        mlp_dim=64,
-        global_attn_indexes=[1],
-    )
-    config = SamConfig(
-        vision_config=vision,
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8),
-        mask_decoder_config=SamMaskDecoderConfig(
-            hidden_size=16, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
-        ),
-    )
-    SamModel(config).save_pretrained(target)
+    SamModel(tiny_sam_config()).save_pretrained(target)
     return target
 
 
