@@ -11,8 +11,8 @@ from tests.test_vision_model import (
     randomized,
     relative_error,
     sam_with_same_weights,
-    tiny_config,
     tiny_model,
+    tiny_vision_config,
 )
 
 # The tiny model prunes after layers 2 and 4: 0-based layers 2 (windowed), 3 (global), 4 (windowed), 5 (global) run on
@@ -39,7 +39,7 @@ def test_hidden_states_selected_by_index_follow_transformers():
 
 
 def test_attentions_of_dense_and_pruned_layers():
-    model = randomized(VLTPSamVisionModel._from_config(tiny_config(), attn_implementation="eager"))
+    model = randomized(VLTPSamVisionModel._from_config(tiny_vision_config(), attn_implementation="eager"))
     pixel_values, guidance = inputs()
     with torch.no_grad():
         dense = model(pixel_values, output_attentions=True).attentions
