@@ -723,13 +723,14 @@ def test_bad_input_fails_in_one_line_before_anything_is_written(world, stage1, t
 
 def test_two_processes_save_what_one_process_saves(world, base_model, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo), batch 1 each, against 1 process with batch 2: same data order,
-    no dropout, one answer (so that the LM loss averages the same tokens)."""
+    no dropout, one answer for every row, empty targets too (so that the LM loss averages the same tokens)."""
 
     def run(name, processes):
         config = settings(
             world,
             base_model,
             tmp_path / name,
+            empty_targets="seg",
             training={
                 "per_device_train_batch_size": 2 // processes,
                 "save_strategy": "steps",
