@@ -1,9 +1,10 @@
 """The `vltp` command.
 
-    vltp segment IMAGE "TASK" [--model DIR_OR_HUB_ID] [--prune-rates 0.5,0.5] [--out mask.png]
+    vltp segment IMAGE "TASK" [--model DIR_OR_HUB_ID] [--prune-rates 0.5,0.5] [--min-score 0.5] [--out mask.png]
                               [--overlay overlay.png] [--show-pruning pruning.png]
     vltp train --stage 1|2 --config FILE.yaml [--resume [CHECKPOINT]]
     vltp eval --data rio|coco_tasks --annotations PATH --images DIR --split SPLIT --model DIR [--sweep-rates 0,0.5,0.8]
+              [--answers teacher-forced|generated]
 
 Errors (an unreadable image, a missing model, an unreachable Hub, bad rates, a bad training config) are reported in one
 line on stderr with a non-zero exit status. `vltp train` runs under `accelerate launch` as it is (see
@@ -11,6 +12,7 @@ docs/training.md).
 """
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -62,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--overlay", help="where to write the image with the mask over it")
     segment.add_argument("--show-pruning", help="where to write the kept-token map of each pruning stage")
     segment.add_argument("--max-new-tokens", type=int, default=32, help="length limit of the answer")
+    segment.add_argument(
+        "--min-score",
+        type=float,
+        help="leave the mask empty when its score (SAM's predicted IoU) is below this, e.g. 0.5",
+    )
     segment.add_argument("--device", help="torch device (default: accelerate's device for this process, else cpu)")
 
     train = commands.add_parser("train", help="finetune: stage 1 (LoRA on LLaVA) or stage 2 (VLTP prune decoder)")
@@ -99,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(TASK_NAME_SETS),
         default="coco_tasks",
         help="the set of names COCO-Tasks' task numbers stand for (default: coco_tasks, the official ones)",
+    )
+    evaluate.add_argument(
+        "--answers",
+        choices=("teacher-forced", "generated"),
+        default="teacher-forced",
+        help="teacher-forced: every sample answered LISA's 'Sure, [SEG].' (LISA's protocol, the default); generated: "
+        "the model's own answer, where one without [SEG] predicts an empty mask",
     )
     evaluate.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     evaluate.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
@@ -217,6 +231,8 @@ def segment_command(args) -> None:
     image = _open_image(args.image)
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.min_score is not None and not math.isfinite(args.min_score):
+        raise CommandError(f"--min-score must be a finite number (a predicted IoU, e.g. 0.5), got {args.min_score}")
     if args.model is None and not DEMO_MODEL_DIR.is_dir():
         raise CommandError("no --model given and this installation has no demo model: name a VLTP checkpoint")
     name = args.model or str(DEMO_MODEL_DIR)
@@ -240,17 +256,23 @@ def segment_command(args) -> None:
     model, processor = _load_model(name, _device(args.device))
     try:
         (result,) = model.segment(
-            image, args.task, processor, prune_rates=args.prune_rates, max_new_tokens=args.max_new_tokens
+            image,
+            args.task,
+            processor,
+            prune_rates=args.prune_rates,
+            max_new_tokens=args.max_new_tokens,
+            min_score=args.min_score,
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
 
     print(f"task:   {result.task}")
     print(f"answer: {result.text}")
+    if result.score is not None:
+        print(f"score:  {result.score:.2f} (SAM's predicted IoU of the mask)")
     _save(mask_image(result.mask), args.out, "mask")
-    if result.seg_found:
-        coverage = 100 * result.mask.float().mean().item()
-        print(f"mask:   {coverage:.1f}% of the image, predicted IoU {result.score:.2f} -> {args.out}")
+    if result.message is None:
+        print(f"mask:   {100 * result.mask.float().mean().item():.1f}% of the image -> {args.out}")
     else:
         print(f"mask:   empty ({result.message}) -> {args.out}")
     if args.overlay:
@@ -314,19 +336,25 @@ def eval_command(args) -> None:
     except ValueError as error:
         raise CommandError(str(error)) from None
     model, processor = _load_model(args.model, _device(args.device))
-    results = evaluate_rates(model, processor, dataset, rates_list, batch_size=args.batch_size)
+    results = evaluate_rates(model, processor, dataset, rates_list, batch_size=args.batch_size, answers=args.answers)
 
     name = args.model.rstrip("/").split("/")[-1]
     split = f"{'RIO' if args.data == 'rio' else 'COCO-Tasks'} {args.split}"
-    print(f"{split}: {len(dataset)} samples, model {args.model}")
-    print(f"{'Model':<24} {'pruning rate':>12} {'gIoU (%)':>9} {'cIoU (%)':>9} {'GMACs':>10}")
+    print(f"{split}: {len(dataset)} samples, model {args.model}, answers {args.answers}")
+    nothing = args.answers == "generated"
+    header = f"{'Model':<24} {'pruning rate':>12} {'gIoU (%)':>9} {'cIoU (%)':>9} {'GMACs':>10}"
+    print(header + (f" {'empty targets answered nothing (%)':>35}" if nothing else ""))
     for result in results:
         stage_rates = result["prune_rates"]
         shown = "-" if not any(stage_rates) else "/".join(dict.fromkeys(f"{rate:g}" for rate in stage_rates))
-        print(
+        row = (
             f"{name:<24} {shown:>12} {100 * result['gIoU']:>9.1f} {100 * result['cIoU']:>9.1f} "
             f"{result['gmacs']:>10.4g}"
         )
+        if nothing:
+            share = result["nothing_on_empty"]
+            row += f" {'-' if share is None else f'{100 * share:.1f}':>35}"
+        print(row)
 
 
 def main(argv: list[str] | None = None) -> int:

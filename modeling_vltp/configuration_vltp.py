@@ -207,6 +207,10 @@ class VLTPConfig(PreTrainedConfig):
         LISA's loss weights of the language-model cross-entropy, the mask binary cross-entropy and the mask Dice loss.
     prune_loss_weight (`float`, *optional*, defaults to 1.0):
         Weight of the pruning loss L_P of Eq. 12 (added to the mask loss L_X as in the paper).
+    iou_loss_weight (`float`, *optional*, defaults to 1.0):
+        Weight of SAM's IoU loss: the mean squared error between the mask decoder's predicted IoU and the actual IoU
+        of its mask (thresholded at logit 0) with the target, as SAM trains its IoU head (LISA does not train it).
+        0 leaves the head untrained, as LISA does.
     initializer_range (`float`, *optional*, defaults to 0.02):
         Standard deviation of the initial weights of the projection and SAM's prompt encoder and mask decoder.
     """
@@ -232,6 +236,7 @@ class VLTPConfig(PreTrainedConfig):
     mask_bce_loss_weight: float = 2.0
     mask_dice_loss_weight: float = 0.5
     prune_loss_weight: float = 1.0
+    iou_loss_weight: float = 1.0
     initializer_range: float = 0.02
     # LLaVA's word embeddings follow `llava_config.tie_word_embeddings` (untied in LLaVA-1.5).
     tie_word_embeddings: bool = False

@@ -19,6 +19,7 @@ How pruning runs inside SAM's ViT (paper Sec. 4.2-4.4):
 - After the last layer every token is merged back into the grid and SAM's neck runs on the full grid.
 """
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -607,6 +608,21 @@ def dice_loss(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> t
     return (1 - (2 * intersection + eps) / (probs.sum(-1) + targets.sum(-1) + eps)).mean()
 
 
+def iou_prediction_loss(
+    iou_scores: torch.Tensor, mask_logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """SAM's IoU loss: mean squared error between the predicted IoUs (S,) and the actual IoU of each mask, thresholded
+    at logit 0, with its {0, 1} target, over the pixels where `valid` is 1. The actual IoU is a target (no gradient);
+    an empty mask of an empty target counts 1, as the metrics' `empty_target_iou` does."""
+    with torch.no_grad():
+        predicted = (mask_logits > 0) & (valid > 0)
+        target = (targets > 0) & (valid > 0)
+        intersection = (predicted & target).flatten(1).sum(-1).float()
+        union = (predicted | target).flatten(1).sum(-1).float()
+        actual = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+    return F.mse_loss(iou_scores.float(), actual)
+
+
 def vltp_pruning_loss(keep_probs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
     """L_P of Eq. 12: binary cross-entropy + Dice of each stage's smoothed pruning mask against P_gt, summed over
     stages. `keep_probs` as returned by [`VLTPSamVisionModel`], `targets` from [`pruning_targets`]."""
@@ -641,16 +657,17 @@ class VLTPTaskSegmentationOutput(ModelOutput):
 
     loss (`torch.FloatTensor`, *optional*, returned when `labels` or `masks` are given):
         `lm_loss_weight * lm_loss + mask_bce_loss_weight * mask_bce_loss + mask_dice_loss_weight * mask_dice_loss
-        + prune_loss_weight * prune_loss`.
-    lm_loss, mask_bce_loss, mask_dice_loss, prune_loss (`torch.FloatTensor`, *optional*):
-        The unweighted parts: LLaVA's next-token cross-entropy (with `labels`), the mask losses L_X and the pruning
-        loss L_P of Eq. 12 (with `masks`; L_P only when pruning ran).
+        + prune_loss_weight * prune_loss + iou_loss_weight * iou_loss`.
+    lm_loss, mask_bce_loss, mask_dice_loss, prune_loss, iou_loss (`torch.FloatTensor`, *optional*):
+        The unweighted parts: LLaVA's next-token cross-entropy (with `labels`), the mask losses L_X, the pruning
+        loss L_P of Eq. 12 (with `masks`; L_P only when pruning ran) and SAM's IoU loss (with `masks`: the squared
+        error of `iou_scores` against the actual IoU of each thresholded mask, see [`iou_prediction_loss`]).
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         LLaVA's next-token logits.
     pred_masks (`torch.FloatTensor` of shape `(S, mask_size, mask_size)`):
         Low-resolution mask logits (256x256 at 1024x1024 inputs), one per `[SEG]`.
     iou_scores (`torch.FloatTensor` of shape `(S,)`):
-        SAM's predicted IoU of each mask.
+        SAM's predicted IoU of each mask (its IoU head; meaningful once trained with `iou_loss`).
     seg_embeds (`torch.FloatTensor` of shape `(S, guidance_dim)`):
         The projected `[SEG]` hidden states: the prune decoder's guidance and the mask decoder's prompt.
     seg_sample_indices (`torch.LongTensor` of shape `(S,)`):
@@ -672,6 +689,7 @@ class VLTPTaskSegmentationOutput(ModelOutput):
     mask_bce_loss: torch.FloatTensor | None = None
     mask_dice_loss: torch.FloatTensor | None = None
     prune_loss: torch.FloatTensor | None = None
+    iou_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     pred_masks: torch.FloatTensor | None = None
     iou_scores: torch.FloatTensor | None = None
@@ -710,9 +728,12 @@ _LLAVA_FORWARD_KWARGS = frozenset(
 class VLTPSegmentationResult:
     """What [`VLTPForTaskSegmentation.segment`] returns for one (image, task).
 
-    mask: boolean (H, W) mask at the image's own size (empty when no `[SEG]` was produced).
-    score: SAM's predicted IoU of the mask (`None` without a mask).
-    text: the generated answer. seg_found: whether the answer contained `[SEG]`; `message` says why not.
+    mask: boolean (H, W) mask at the image's own size; empty when the answer has no `[SEG]` (the model says nothing
+        fits) or when `score` is below `segment`'s `min_score`.
+    score: SAM's predicted IoU of the mask decoded from `[SEG]` (`None` without `[SEG]`). It comes from SAM's IoU
+        head, which tracks the real IoU only for a model trained with the IoU loss (`VLTPConfig.iou_loss_weight`).
+    text: the generated answer. seg_found: whether the answer contained `[SEG]`.
+    message: why the mask is empty (the model's answer without `[SEG]`, or the score below `min_score`), else `None`.
     kept_token_maps: one boolean (grid, grid) map per pruning stage, True where the ViT kept the token.
     """
 
@@ -790,8 +811,9 @@ class _VLTPSamSide:
         images, inverse = image_indices.unique(return_inverse=True)
         return self.decode_masks(sam_pixel_values[images], seg_embeds, prune_rates, inverse)
 
-    def _mask_losses(self, pred_masks, vision, targets, reshaped_input_sizes, samples) -> dict:
-        """L_X (LISA's mask BCE and Dice over each image's unpadded region) and L_P (Eq. 12), per `[SEG]`."""
+    def _mask_losses(self, pred_masks, iou_scores, vision, targets, reshaped_input_sizes, samples) -> dict:
+        """L_X (LISA's mask BCE and Dice over each image's unpadded region), L_P (Eq. 12) and SAM's IoU loss, per
+        `[SEG]`."""
         size = targets.shape[-1]
         logits = F.interpolate(pred_masks[:, None].float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
         targets = targets.float()
@@ -809,7 +831,8 @@ class _VLTPSamSide:
             prune = vltp_pruning_loss(
                 vision.keep_probs, pruning_targets(targets, self.config.vision_config.patch_size)
             )
-        return {"mask_bce_loss": bce, "mask_dice_loss": dice, "prune_loss": prune}
+        iou = iou_prediction_loss(iou_scores, logits, targets, valid)
+        return {"mask_bce_loss": bce, "mask_dice_loss": dice, "prune_loss": prune, "iou_loss": iou}
 
     def _segmentation_output(
         self, losses: dict, pred_masks, iou_scores, seg_embeds, samples, vision, llm=None
@@ -976,14 +999,17 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
             # Several [SEG] of one sample share its image: SAM's dense layers run once per image.
             pred_masks, iou_scores, vision = self._decode_by_image(sam_pixel_values, seg_embeds, samples, prune_rates)
             if masks is not None:
-                losses.update(self._mask_losses(pred_masks, vision, masks[samples], reshaped_input_sizes, samples))
+                losses.update(
+                    self._mask_losses(pred_masks, iou_scores, vision, masks[samples], reshaped_input_sizes, samples)
+                )
         else:  # no [SEG] in the batch: no mask to predict, and nothing for the mask losses
             mask_size = 4 * self.config.prompt_encoder_config.image_embedding_size
             pred_masks = seg_embeds.new_zeros(0, mask_size, mask_size)
             iou_scores = seg_embeds.new_zeros(0)
             vision = VLTPVisionOutput()
             if masks is not None:
-                losses.update(mask_bce_loss=seg_embeds.new_zeros(()), mask_dice_loss=seg_embeds.new_zeros(()))
+                zero = seg_embeds.new_zeros(())
+                losses.update(mask_bce_loss=zero, mask_dice_loss=zero, iou_loss=zero)
         output = self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision, llm)
         return output if return_dict else output.to_tuple()
 
@@ -997,6 +1023,7 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
         max_new_tokens: int = 32,
         share_image_work: bool = True,
         max_batch_rows: int | None = None,
+        min_score: float | None = None,
         **generate_kwargs,
     ) -> list[VLTPSegmentationResult]:
         """Segment what each task asks for in each image.
@@ -1005,7 +1032,9 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
         is one task for all, or a list with one task or list of tasks per image). Returns one
         [`VLTPSegmentationResult`] per (image, task), image by image. LLaVA generates with its KV cache, batched over
         every (image, task); the hidden state that feeds SAM is collected from the generation steps (the first `[SEG]`
-        of each answer). A task whose answer has no `[SEG]` gets an empty mask and says so.
+        of each answer). A task whose answer has no `[SEG]` (the model says nothing fits) gets an empty mask,
+        `seg_found=False` and a `message` quoting the answer. With `min_score`, a mask whose score (SAM's predicted
+        IoU) is below it is emptied too: `seg_found` stays True, `score` is kept and `message` says so.
 
         With `share_image_work` (the default) the work that does not depend on the task is done once per image: CLIP
         and the projector, LLaVA's prefill of the prompt up to the last image token (each task continues from that KV
@@ -1016,7 +1045,7 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
         (an image whose tasks span two chunks is encoded in both). Extra keyword arguments go to `generate`.
         """
         pairs = self._check_segment_arguments(
-            images, tasks, prune_rates, max_new_tokens, max_batch_rows, generate_kwargs
+            images, tasks, prune_rates, max_new_tokens, max_batch_rows, min_score, generate_kwargs
         )
         image_list = _as_list(images)
         rows_per_pass = max_batch_rows or len(pairs)
@@ -1028,11 +1057,14 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
                 processor,
                 prune_rates,
                 share_image_work,
+                min_score,
                 dict(max_new_tokens=max_new_tokens, **generate_kwargs),
             )
         return results
 
-    def _check_segment_arguments(self, images, tasks, prune_rates, max_new_tokens, max_batch_rows, generate_kwargs):
+    def _check_segment_arguments(
+        self, images, tasks, prune_rates, max_new_tokens, max_batch_rows, min_score, generate_kwargs
+    ):
         """Every check of `segment`'s arguments, before any compute; returns the (image index, task) pairs."""
         pairs = _image_task_pairs(images, tasks)
         for index, image in enumerate(_as_list(images)):
@@ -1047,12 +1079,16 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if max_new_tokens is None:
             raise ValueError("max_new_tokens must be a positive integer, got None.")
+        if min_score is not None and (
+            isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not math.isfinite(min_score)
+        ):
+            raise ValueError(f"min_score must be a finite number (a predicted IoU, e.g. 0.5), got {min_score!r}.")
         reserved = sorted(set(generate_kwargs) & _SEGMENT_GENERATE_ARGUMENTS)
         if reserved:
             raise ValueError(f"segment sets {reserved} itself: they cannot be passed on to generate.")
         return pairs
 
-    def _segment_rows(self, image_list, pairs, processor, prune_rates, share, generate_kwargs):
+    def _segment_rows(self, image_list, pairs, processor, prune_rates, share, min_score, generate_kwargs):
         """`segment` for one chunk of (image index, task) rows."""
         chunk_images = sorted({image for image, _ in pairs})
         local = {image: k for k, image in enumerate(chunk_images)}
@@ -1123,23 +1159,28 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
 
         results = []
         for row, (image_index, task) in enumerate(pairs):
-            found = row in rows_with_seg
+            text = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+            found, message = row in rows_with_seg, None
             if found:
                 k = rows_with_seg.index(row)
                 mask, score, maps = masks[k].bool().cpu(), iou_scores[k].item(), [m[k].cpu() for m in kept_maps]
+                if min_score is not None and score < min_score:
+                    mask = torch.zeros_like(mask)
+                    message = f"the mask's score {score:.3f} is below min_score {min_score:g}, so no mask"
             else:
                 height, width = image_inputs["original_sizes"][local[image_index]].tolist()
                 mask, score, maps = torch.zeros(height, width, dtype=torch.bool), None, []
+                message = f"the model answered {text!r} without {self.config.seg_token}, so no mask"
             results.append(
                 VLTPSegmentationResult(
                     image_index=image_index,
                     task=task,
                     mask=mask,
                     score=score,
-                    text=tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip(),
+                    text=text,
                     seg_found=found,
                     kept_token_maps=maps,
-                    message=None if found else f"the model answered without {self.config.seg_token}, so no mask",
+                    message=message,
                 )
             )
         return results
@@ -1190,8 +1231,8 @@ class VLTPSamSegmenter(_VLTPSamSide, VLTPPreTrainedModel):
             Projected `[SEG]` embeddings (e.g. from a cache of `VLTPForTaskSegmentation.seg_embeddings`): one per
             image, or any number per image with `image_indices`.
         masks (`torch.FloatTensor` of shape `(num_tasks, image_size, image_size)`, *optional*):
-            One target per `[SEG]` embedding, in SAM's input frame; with them `loss` is L_X + L_P (Eq. 12) weighted
-            by the config's mask and pruning loss weights.
+            One target per `[SEG]` embedding, in SAM's input frame; with them `loss` is L_X + L_P (Eq. 12) plus
+            SAM's IoU loss, weighted by the config's mask, pruning and IoU loss weights.
         reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*), prune_rates:
             As in [`VLTPForTaskSegmentation.forward`], per image.
         image_indices (`torch.LongTensor` of shape `(num_tasks,)`, *optional*):
@@ -1209,7 +1250,7 @@ class VLTPSamSegmenter(_VLTPSamSide, VLTPPreTrainedModel):
             samples = image_indices
         losses = {}
         if masks is not None:
-            losses = self._mask_losses(pred_masks, vision, masks, reshaped_input_sizes, samples)
+            losses = self._mask_losses(pred_masks, iou_scores, vision, masks, reshaped_input_sizes, samples)
         return self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision)
 
 
@@ -1296,6 +1337,7 @@ __all__ = [
     "VLTPSamVisionModel",
     "VLTPVisionOutput",
     "dice_loss",
+    "iou_prediction_loss",
     "pruning_targets",
     "select_tokens",
     "vltp_pruning_loss",

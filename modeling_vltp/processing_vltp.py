@@ -177,23 +177,23 @@ class VLTPProcessor(ProcessorMixin):
         added = (token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special)
         return sorted({*self.tokenizer.all_special_tokens, *added, IMAGE_TOKEN, SEG_TOKEN})
 
-    def check_text(self, text, name: str, num_seg_tokens: int = 0) -> None:
+    def check_text(self, text, name: str, max_seg_tokens: int = 0) -> None:
         """
-        Refuses user text (a task, or an answer with `num_seg_tokens=1`) holding a control token: a typed `<image>`
+        Refuses user text (a task, or an answer with `max_seg_tokens=1`) holding a control token: a typed `<image>`
         would add image tokens, `</s>` or `<pad>` would end or pad the sequence, a second `[SEG]` would be decoded as
         the mask query. The `ValueError` names `name` and the token.
         """
         if not isinstance(text, str):
             raise TypeError(f"{name} is a {type(text).__name__}; expected a string.")
         typed = [token for token in self.control_tokens() if token in text and token != SEG_TOKEN]
-        if typed or (num_seg_tokens == 0 and SEG_TOKEN in text):
+        if typed or (max_seg_tokens == 0 and SEG_TOKEN in text):
             raise ValueError(
                 f"{name} contains {(typed or [SEG_TOKEN])[0]!r}, a control token of the tokenizer: user text must not "
                 f"hold one. Text: {text!r:.200}"
             )
-        if text.count(SEG_TOKEN) != num_seg_tokens:
+        if text.count(SEG_TOKEN) > max_seg_tokens:
             raise ValueError(
-                f"{name} holds {SEG_TOKEN} {text.count(SEG_TOKEN)} times; it needs exactly {num_seg_tokens}. "
+                f"{name} holds {SEG_TOKEN} {text.count(SEG_TOKEN)} times; at most {max_seg_tokens} is allowed. "
                 f"Text: {text!r:.200}"
             )
 
@@ -233,7 +233,8 @@ class VLTPProcessor(ProcessorMixin):
             answers (`str` or `list[str]`, *optional*):
                 For training: the assistant's answer of each row, or one answer for all rows (`DEFAULT_ANSWER`,
                 LISA's "Sure, [SEG]."). The answer and the end-of-sequence token are appended to the prompt and
-                `labels` are returned. An answer holds exactly one `[SEG]` and no other control token. Leave out for
+                `labels` are returned. An answer holds one `[SEG]`, or none when it says that nothing in the image
+                fits (its row then trains the language model only), and no other control token. Leave out for
                 inference, where the prompt ends with the assistant's turn.
             masks (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
                 For training: one binary target mask per row (0/1 or boolean), of its image's size `(H, W)`.
@@ -266,7 +267,7 @@ class VLTPProcessor(ProcessorMixin):
         for index, task in enumerate(tasks):
             self.check_text(task, f"Task {index}")
         for index, answer in enumerate(answers or []):
-            self.check_text(answer, f"Answer {index}", num_seg_tokens=1)
+            self.check_text(answer, f"Answer {index}", max_seg_tokens=1)
         images = [
             load_image(image) if isinstance(image, str) or hasattr(image, "__fspath__") else image for image in images
         ]

@@ -4,12 +4,15 @@ Stage 1, vision-language finetuning (paper Sec. 5.2, LISA's recipe): LoRA throug
 `q_proj`/`v_proj`; the projection `text_hidden_fcs`, SAM's mask decoder and the embedding and output rows of the new
 tokens (`[SEG]`, `<image>`) are trained; LLaVA's vision tower and projector and all of SAM's ViT (prune decoder
 included) stay frozen. SAM's ViT runs densely. Loss: LM cross-entropy + mask BCE + Dice (weights 1 / 2 / 0.5 from the
-model config). The adapter is merged at the end, so the output is a plain VLTP checkpoint.
+model config) + SAM's IoU loss (`iou_loss_weight`). A sample whose target is empty is answered, by default, with a
+sentence without `[SEG]` (`empty_targets`, `no_target_answers`), which trains the LM loss only. The adapter is merged
+at the end, so the output is a plain VLTP checkpoint.
 
 Stage 2, VLTP@Finetune (Sec. 4.3 and 5.3, Eq. 12): the prune decoder and the mask decoder are trained at the given
-pruning rates with LLaVA and the ViT frozen; loss L_X + L_P. As LLaVA is frozen, one pass first stores every sample's
-projected `[SEG]` embedding in a `datasets` cache ([`build_seg_cache`]); stage 2 then trains [`VLTPSamSegmenter`] (the
-SAM side only) from that cache without loading LLaVA, and writes its weights back into a full checkpoint. Starting
+pruning rates with LLaVA and the ViT frozen; loss L_X + L_P + SAM's IoU loss. As LLaVA is frozen, one pass first
+stores every sample's projected `[SEG]` embedding in a `datasets` cache ([`build_seg_cache`]); stage 2 then trains
+[`VLTPSamSegmenter`] (the SAM side only) from that cache without loading LLaVA, and writes its weights back into a
+full checkpoint. Starting
 from a stage-2 checkpoint with other rates finetunes for the new rates (Table 4); the cache stays valid, since stage 2
 never changes LLaVA or `text_hidden_fcs`.
 
@@ -45,7 +48,7 @@ from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
 from .data import load_coco_tasks, load_rio, resolve_task_names
-from .data.collator import LISA_ANSWERS, SEG_CACHE_COLUMN, VLTPDataCollator
+from .data.collator import LISA_ANSWERS, NO_TARGET_ANSWERS, SEG_CACHE_COLUMN, VLTPDataCollator
 from .data.masks import decode_mask_batch
 from .flops import vision_gmacs
 from .metrics import tos_metrics_from_counts
@@ -95,8 +98,11 @@ RESUMABLE_SETTINGS = frozenset(
 
 logger = logging.getLogger(__name__)
 
-STAGE1_LOSSES = ("lm_loss", "mask_bce_loss", "mask_dice_loss")
-STAGE2_LOSSES = ("mask_bce_loss", "mask_dice_loss", "prune_loss")
+STAGE1_LOSSES = ("lm_loss", "mask_bce_loss", "mask_dice_loss", "iou_loss")
+STAGE2_LOSSES = ("mask_bce_loss", "mask_dice_loss", "prune_loss", "iou_loss")
+# How stage 1 answers a sample whose target is empty: with one of `no_target_answers` (no `[SEG]`, LM loss only), or
+# with a `[SEG]` answer trained towards the empty mask (LISA).
+EMPTY_TARGET_CHOICES = ("answer_nothing", "seg")
 STAGE1_INPUTS = (
     "input_ids",
     "attention_mask",
@@ -167,6 +173,8 @@ class TrainConfig:
     training: dict = field(default_factory=dict)
     lora: LoraSettings = field(default_factory=LoraSettings)
     answers: list[str] = field(default_factory=lambda: list(LISA_ANSWERS))
+    empty_targets: str = "answer_nothing"
+    no_target_answers: list[str] = field(default_factory=lambda: list(NO_TARGET_ANSWERS))
     prune_rates: list[float] | None = None
     seg_cache: str | None = None
     train_mask_decoder: bool = True
@@ -391,10 +399,17 @@ def mask_overlaps(processor: VLTPProcessor, pred_masks, seg_sample_indices, batc
         )
         for sample, mask in zip(samples.tolist(), resized):
             masks.setdefault(sample, mask.numpy())
-    counts = []
-    for sample, target in enumerate(batch["target_masks"]):
-        predicted = masks.get(sample, np.zeros_like(target))
-        counts.append(((predicted & target).sum(), (predicted | target).sum()))
+    return _overlaps(
+        [masks.get(sample, np.zeros_like(target)) for sample, target in enumerate(batch["target_masks"])],
+        batch["target_masks"],
+    )
+
+
+def _overlaps(predictions, targets) -> torch.Tensor:
+    """(B, 2) pixel intersection and union of each boolean prediction with its boolean target."""
+    counts = [
+        ((predicted & target).sum(), (predicted | target).sum()) for predicted, target in zip(predictions, targets)
+    ]
     return torch.tensor(counts, dtype=torch.int64)
 
 
@@ -641,7 +656,12 @@ def train_stage1(config: TrainConfig, callbacks=None) -> TrainSummary:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=VLTPDataCollator(processor, config.answers, seed=args.seed),
+        data_collator=VLTPDataCollator(
+            processor,
+            config.answers,
+            seed=args.seed,
+            no_target_answers=config.no_target_answers if config.empty_targets == "answer_nothing" else None,
+        ),
         eval_data_collator=VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True),
         processing_class=processor,
         compute_metrics=TOSMetrics(model.config.vision_config, dense),
@@ -876,6 +896,14 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, d
     bad_answers = [answer for answer in config.answers if answer.count("[SEG]") != 1]
     if not config.answers or bad_answers:
         raise config.error("answers", f"every answer needs exactly one [SEG], got {bad_answers or config.answers}")
+    if config.empty_targets not in EMPTY_TARGET_CHOICES:
+        raise config.error("empty_targets", f"expected one of {EMPTY_TARGET_CHOICES}, got {config.empty_targets!r}")
+    bad_answers = [answer for answer in config.no_target_answers if "[SEG]" in answer or not answer.strip()]
+    if not config.no_target_answers or bad_answers:
+        raise config.error(
+            "no_target_answers",
+            f"need at least one non-empty answer, none holding [SEG], got {bad_answers or config.no_target_answers}",
+        )
     if config.cache_batch_size < 1:
         raise config.error("cache_batch_size", f"must be at least 1, got {config.cache_batch_size}")
     num_stages = len(vltp_config.vision_config.prune_layers)
@@ -1171,30 +1199,59 @@ def train(config: TrainConfig, callbacks=None) -> TrainSummary:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# How `evaluate_rates` gets each sample's answer: LISA's validation answer forced (its protocol), or the model's own.
+ANSWER_MODES = ("teacher-forced", "generated")
+
+
 def evaluate_rates(
-    model: VLTPForTaskSegmentation, processor: VLTPProcessor, dataset: Dataset, rates_list, batch_size: int = 8
+    model: VLTPForTaskSegmentation,
+    processor: VLTPProcessor,
+    dataset: Dataset,
+    rates_list,
+    batch_size: int = 8,
+    answers: str = "teacher-forced",
 ) -> list[dict]:
-    """Teacher-forced evaluation of `model` on `dataset` at each entry of `rates_list` (one rate per pruning stage):
-    LLaVA runs once per batch, SAM once per rate. Returns per entry `prune_rates`, `gIoU`, `cIoU`, `mIoU_tasks` and
-    `gmacs` (the ViT's, see [`vision_gmacs`])."""
+    """Evaluation of `model` on `dataset` at each entry of `rates_list` (one rate per pruning stage). Returns per entry
+    `prune_rates`, `gIoU`, `cIoU`, `mIoU_tasks`, `gmacs` (the ViT's, see [`vision_gmacs`]) and `answers`.
+
+    `answers="teacher-forced"` (LISA's protocol) forces LISA's validation answer "Sure, [SEG].": LLaVA runs once per
+    batch, SAM once per rate, and every sample gets a mask. `answers="generated"` lets the model answer
+    ([`VLTPForTaskSegmentation.segment`], once per batch and rate): an answer without `[SEG]` predicts an empty mask,
+    which an empty target credits. Then `nothing_on_empty` is also given: the share of empty targets answered
+    without `[SEG]` (`None` when no target is empty)."""
+    if answers not in ANSWER_MODES:
+        raise ValueError(f"answers must be one of {ANSWER_MODES}, got {answers!r}")
     model.eval()
-    collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
-    overlaps, task_ids = defaultdict(list), []
-    with torch.no_grad():
+    overlaps, task_ids, nothing_on_empty = defaultdict(list), [], defaultdict(list)
+    if answers == "teacher-forced":
+        collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
         for batch, seg, samples in seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating"):
             pixels = batch["sam_pixel_values"].to(model.device, model.dtype)[samples.to(model.device)]
             for index, rates in enumerate(rates_list):
-                pred_masks, _, _ = model.decode_masks(pixels, seg, rates)
+                with torch.no_grad():
+                    pred_masks, _, _ = model.decode_masks(pixels, seg, rates)
                 overlaps[index].append(mask_overlaps(processor, pred_masks, samples, batch))
             task_ids.append(batch["task_ids"])
+    else:
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start : start + batch_size]
+            targets = [np.asarray(mask, dtype=bool) for mask in rows["mask"]]
+            images = [image.convert("RGB") for image in rows["image"]]
+            for index, rates in enumerate(rates_list):
+                results = model.segment(images, list(rows["task"]), processor, prune_rates=rates)
+                overlaps[index].append(_overlaps([result.mask.numpy() for result in results], targets))
+                nothing_on_empty[index] += [not r.seg_found for r, t in zip(results, targets) if not t.any()]
+            task_ids.append(torch.tensor(rows.get("task_id", [-1] * len(targets))))
     task_ids = torch.cat(task_ids).numpy()
     results = []
     for index, rates in enumerate(rates_list):
         counts = torch.cat(overlaps[index]).numpy()
         scores = tos_metrics_from_counts(counts[:, 0], counts[:, 1], task_ids)
-        results.append(
-            {"prune_rates": list(rates), **scores, "gmacs": vision_gmacs(model.config.vision_config, rates)}
-        )
+        gmacs = vision_gmacs(model.config.vision_config, rates)
+        results.append({"prune_rates": list(rates), **scores, "gmacs": gmacs, "answers": answers})
+        if answers == "generated":
+            empty = nothing_on_empty[index]
+            results[-1]["nothing_on_empty"] = sum(empty) / len(empty) if empty else None
     return results
 
 
@@ -1202,6 +1259,8 @@ __all__ = [
     "DataSettings",
     "LoraSettings",
     "TOSMetrics",
+    "ANSWER_MODES",
+    "EMPTY_TARGET_CHOICES",
     "TrainConfig",
     "TrainSummary",
     "TrainingInputError",

@@ -79,6 +79,7 @@ def test_segment_writes_the_mask_overlay_and_pruning_map(tmp_path, world, model_
     image = Image.open(image_path).convert("RGB")
     model = VLTPForTaskSegmentation.from_pretrained(model_dir).eval()
     (expected,) = model.segment(image, task, VLTPProcessor.from_pretrained(model_dir), prune_rates=[0.75])
+    assert f"score:  {expected.score:.2f} (SAM's predicted IoU of the mask)" in printed
     mask = np.array(Image.open(out))
     assert np.array_equal(mask > 0, expected.mask.numpy()) and set(np.unique(mask)) <= {0, 255}
     assert Image.open(overlay).size == image.size
@@ -87,6 +88,21 @@ def test_segment_writes_the_mask_overlay_and_pruning_map(tmp_path, world, model_
     assert panel.shape == (image.height, image.width)
     darkened = panel < np.array(image.convert("L")).astype(int) - 20
     assert abs(darkened.mean() - 48 / 64) < 0.1
+
+
+def test_segment_min_score_leaves_a_low_scored_mask_empty_and_says_why(tmp_path, world, model_dir, capsys):
+    """A threshold above any score this model gives (its IoU head, trained 40 steps, predicts well below 10)."""
+    out = tmp_path / "mask.png"
+    arguments = [
+        str(first_image(world)),
+        "you can use the thing to roll it across the floor",
+        "--model",
+        str(model_dir),
+    ]
+    assert main(["segment", *arguments, "--min-score", "10", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "score:  " in printed and "is below min_score 10, so no mask" in printed
+    assert not np.array(Image.open(out)).any()
 
 
 def test_overlay_tints_only_the_mask():
@@ -161,6 +177,7 @@ def test_segment_runs_as_a_command(tmp_path, world, model_dir):
         (["segment", "{image}", "task", "--model", "{sam}"], "holds a 'sam' model, not a VLTP checkpoint"),
         (["segment", "{image}", "task", "--model", "{model}", "--prune-rates", "2.0"], r"--prune-rates must each be"),
         (["segment", "{image}", "task", "--model", "{model}", "--prune-rates", "0.5,0.5"], r"one rate per pruning"),
+        (["segment", "{image}", "task", "--model", "{model}", "--min-score", "nan"], "--min-score must be a finite"),
         (
             ["segment", "{image}", "task", "--model", "{model}", "--out", "{bad_dir}/m.png"],
             "cannot write --out .*no folder",

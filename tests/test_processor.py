@@ -435,10 +435,20 @@ def test_typed_control_token_in_an_answer_is_refused(processor, token):
         processor(images=random_image(8, 8), tasks="cut bread", answers=f"Sure, {token} {SEG_TOKEN}.")
 
 
-@pytest.mark.parametrize("answer", ["Sure.", f"{SEG_TOKEN} and {SEG_TOKEN}"])
-def test_answer_needs_exactly_one_seg(processor, answer):
-    with pytest.raises(ValueError, match=r"Answer 0 holds \[SEG\] [02] times; it needs exactly 1"):
-        processor(images=random_image(8, 8), tasks="cut bread", answers=answer)
+def test_answer_holds_at_most_one_seg(processor):
+    with pytest.raises(ValueError, match=r"Answer 1 holds \[SEG\] 2 times; at most 1 is allowed"):
+        processor(
+            images=[random_image(8, 8)] * 2, tasks=["cut bread"] * 2, answers=["Sure.", f"{SEG_TOKEN} and {SEG_TOKEN}"]
+        )
+
+
+def test_answer_without_seg_is_all_labels(processor):
+    """An answer that says nothing fits trains LLaVA's loss on its every token, and has no [SEG]."""
+    inputs = processor(images=random_image(8, 8), tasks="cut bread", answers="There is nothing that fits.")
+    assert processor.seg_token_id not in inputs["input_ids"][0].tolist()
+    answer_ids = inputs["labels"][0][inputs["labels"][0] != -100]
+    text = processor.tokenizer.decode(answer_ids, skip_special_tokens=True)
+    assert text.strip() == "There is nothing that fits."
 
 
 def test_look_alike_text_stays_plain_text(processor):

@@ -1,12 +1,20 @@
 """VLTPForTaskSegmentation with the tiny offline system: shapes, losses, training, saving, and `segment`."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from modeling_vltp import VLTPConfig, VLTPForTaskSegmentation, VLTPProcessor, VLTPVisionConfig
+from modeling_vltp import (
+    VLTPConfig,
+    VLTPForTaskSegmentation,
+    VLTPProcessor,
+    VLTPVisionConfig,
+    iou_prediction_loss,
+)
 from modeling_vltp.testing import tiny_config, tiny_model_and_processor, tiny_processor
 
 TASKS = ["you can use the thing to sit comfortably", "you can use the thing to cut the food on the table"]
@@ -63,11 +71,11 @@ def test_forward_shapes_and_loss_parts():
         + config.mask_bce_loss_weight * output.mask_bce_loss
         + config.mask_dice_loss_weight * output.mask_dice_loss
         + config.prune_loss_weight * output.prune_loss
+        + config.iou_loss_weight * output.iou_loss
     )
     assert torch.allclose(output.loss, expected)
-    assert all(
-        part.item() > 0 for part in (output.lm_loss, output.mask_bce_loss, output.mask_dice_loss, output.prune_loss)
-    )
+    parts = (output.lm_loss, output.mask_bce_loss, output.mask_dice_loss, output.prune_loss, output.iou_loss)
+    assert all(part.item() > 0 for part in parts)
 
 
 def test_losses_fall_when_training_on_one_batch(trained):
@@ -77,7 +85,10 @@ def test_losses_fall_when_training_on_one_batch(trained):
 
 def test_several_seg_tokens_in_a_sample_and_samples_without_one():
     model, processor = tiny_model_and_processor()
-    batch = training_batch(processor, answers=["Sure, [SEG] and [SEG].", "There is none."])
+    batch = training_batch(processor, answers=["Sure, it is [SEG].", "There is none."])
+    # The processor allows one [SEG] per answer; the model reads any number: make the answer's first token a second.
+    first_answer_token = (batch["labels"][0] != -100).nonzero()[0, 0]
+    batch["input_ids"][0, first_answer_token] = processor.seg_token_id
     output = model(**batch)
     assert output.seg_sample_indices.tolist() == [0, 0]
     assert output.pred_masks.shape[0] == 2 and output.keep_indices[0].shape[0] == 2
@@ -87,8 +98,76 @@ def test_several_seg_tokens_in_a_sample_and_samples_without_one():
 
     none = processor(images=images_and_masks()[0], tasks=TASKS, answers="No.", masks=images_and_masks()[1])
     output = model(**none)
-    assert output.pred_masks.shape[0] == 0 and output.mask_bce_loss.item() == 0.0
+    assert output.pred_masks.shape[0] == 0 and output.mask_bce_loss.item() == 0.0 and output.iou_loss.item() == 0.0
     assert torch.allclose(output.loss, model.config.lm_loss_weight * output.lm_loss)
+
+
+def test_iou_loss_is_the_squared_error_against_the_real_iou_of_the_thresholded_mask():
+    """Recomputed by hand in numpy: the mask logits upsampled to SAM's frame, thresholded at 0, intersected with the
+    target inside each image's unpadded region. Sample 1's target is emptied, so its real IoU is 0 (a mask was
+    predicted) or 1 (none was)."""
+    model, processor = tiny_model_and_processor()
+    batch = training_batch(processor)
+    batch["masks"][1] = 0
+    output = model(**batch)
+    logits = torch.nn.functional.interpolate(output.pred_masks[:, None], (128, 128), mode="bilinear")[:, 0]
+    expected = []
+    for k in range(2):
+        height, width = batch["reshaped_input_sizes"][k].tolist()
+        predicted = (logits[k, :height, :width] > 0).numpy()
+        target = batch["masks"][k, :height, :width].numpy() > 0
+        union = np.logical_or(predicted, target).sum()
+        expected.append(np.logical_and(predicted, target).sum() / union if union else 1.0)
+    assert 0 < expected[0] < 1  # a partial overlap: the threshold and the region matter
+    by_hand = np.mean((output.iou_scores.detach().numpy() - np.array(expected)) ** 2)
+    assert output.iou_loss.item() == pytest.approx(by_hand, rel=1e-5)  # float32 vs float64 of the same few terms
+
+
+def test_iou_prediction_loss_counts_an_empty_mask_of_an_empty_target_as_iou_1():
+    """Pixels outside `valid` count for nothing: sample 1 predicts only there, so its mask is empty like its target."""
+    logits = torch.full((2, 4, 4), -1.0)
+    logits[0, :2, :2] = 1.0  # 4 pixels predicted, 2 of them on the 8-pixel target: IoU 2 / 10
+    logits[1, 3, :] = 1.0
+    targets = torch.zeros(2, 4, 4)
+    targets[0, 1:3, :2] = 1.0
+    targets[0, 1:3, 2:] = 1.0
+    valid = torch.ones(2, 4, 4)
+    valid[1, 3, :] = 0.0
+    scores = torch.tensor([0.5, 0.5])
+    loss = iou_prediction_loss(scores, logits, targets, valid)
+    assert loss.item() == pytest.approx(((0.5 - 0.2) ** 2 + (0.5 - 1.0) ** 2) / 2)
+
+
+def test_iou_loss_trains_sams_iou_head_towards_the_real_iou(trained):
+    """Only SAM's IoU head trains here (the masks do not depend on it, so their real IoU stays fixed): after 30 Adam
+    steps its predictions close at least 80% of the gap to the real IoU. The untrained head starts near 0, the
+    trained masks score about 0.9, so the gap starts large; 80% leaves room for Adam still oscillating."""
+    model = copy.deepcopy(trained[0])
+    batch = training_batch(trained[1])
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("mask_decoder.iou_prediction_head.")
+    model.mask_decoder.iou_prediction_head.apply(model._init_weights)
+
+    def gap():
+        with torch.no_grad():
+            return model(**batch).iou_loss.sqrt().item()  # root mean squared error of the predicted IoUs
+
+    before, masks_before = gap(), model(**batch).pred_masks
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(30):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before > 0.3
+    assert gap() < 0.2 * before
+    assert torch.equal(model(**batch).pred_masks, masks_before)
+
+
+def test_configs_saved_before_the_iou_loss_load_with_its_default():
+    config = tiny_config().to_dict()
+    del config["iou_loss_weight"]
+    assert VLTPConfig.from_dict(config).iou_loss_weight == 1.0
 
 
 def test_hidden_state_choice_before_or_at_seg():
@@ -189,7 +268,21 @@ def test_segment_without_seg_gives_an_empty_mask_and_says_so(trained):
     assert results[0].seg_found and results[0].mask.any()
     assert not results[1].seg_found and "[SEG]" not in results[1].text
     assert results[1].mask.shape == (100, 140) and not results[1].mask.any()
-    assert results[1].score is None and "without [SEG]" in results[1].message
+    assert (
+        results[1].score is None
+        and results[1].message == f"the model answered {results[1].text!r} without [SEG], so no mask"
+    )
+
+
+def test_segment_min_score_empties_masks_scored_below_it(trained):
+    model, processor, _ = trained
+    image = images_and_masks()[0][0]
+    (plain,) = model.segment(image, TASKS[0], processor, max_new_tokens=8)
+    (kept,) = model.segment(image, TASKS[0], processor, max_new_tokens=8, min_score=plain.score - 0.01)
+    (dropped,) = model.segment(image, TASKS[0], processor, max_new_tokens=8, min_score=plain.score + 0.01)
+    assert plain.mask.any() and torch.equal(kept.mask, plain.mask) and kept.message is None
+    assert dropped.seg_found and not dropped.mask.any() and dropped.score == plain.score
+    assert f"below min_score {plain.score + 0.01:g}" in dropped.message
 
 
 def test_segment_rates_and_bad_task_lists(trained):
@@ -315,6 +408,8 @@ def test_forward_passes_llava_keywords_on_and_rejects_the_rest():
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
         ({"max_new_tokens": None}, "max_new_tokens must be a positive integer, got None"),
         ({"max_batch_rows": 2.5}, "max_batch_rows must be a positive integer, got 2.5"),
+        ({"min_score": "0.5"}, "min_score must be a finite number .* got '0.5'"),
+        ({"min_score": float("nan")}, "min_score must be a finite number .* got nan"),
         ({"output_hidden_states": False}, r"segment sets \['output_hidden_states'\] itself"),
         ({"images": ["not an image"]}, r"images\[0\] is a str"),
         ({"tasks": [3]}, "non-empty string"),

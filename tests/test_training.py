@@ -12,17 +12,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import EvalPrediction, LlavaForConditionalGeneration, TrainerCallback
+from transformers import EvalPrediction, LlavaForConditionalGeneration, TrainerCallback, TrainingArguments
 
-from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor, vision_gmacs
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor, VLTPSamSegmenter, vision_gmacs
 from modeling_vltp.cli import main
-from modeling_vltp.data import VLTPDataCollator, load_rio, synthetic
+from modeling_vltp.data import NO_TARGET_ANSWERS, VLTPDataCollator, load_rio, synthetic
 from modeling_vltp.metrics import compute_tos_metrics
 from modeling_vltp.testing import tiny_config, tiny_model_and_processor
 from modeling_vltp.training import (
+    STAGE1_LOSSES,
+    STAGE2_LOSSES,
     LoraSettings,
     TOSMetrics,
     TrainConfig,
+    VLTPTrainer,
+    evaluate_rates,
     load_seg_cache,
     mask_overlaps,
     merge_stage1,
@@ -420,6 +424,58 @@ def test_compute_metrics_agree_with_the_tos_metrics_at_each_images_size():
     assert without[1].tolist() == [0, int(targets[1].sum())]
 
 
+def test_empty_targets_are_answered_without_seg_unless_lisas_behaviour_is_chosen():
+    """The collator answers an empty target with a no-target answer (no [SEG]: no mask to train) and the other rows
+    with a [SEG] answer; without `no_target_answers` every row gets [SEG], as in LISA."""
+    _, processor = tiny_model_and_processor()
+    full, empty = np.zeros((30, 40), np.uint8), np.zeros((30, 40), np.uint8)
+    full[5:20, 10:30] = 1
+    rows = [
+        {"image": _pil(np.zeros((30, 40, 3), np.uint8)), "task": f"task {k}", "mask": mask, "task_id": k}
+        for k, mask in enumerate([full, empty, empty])
+    ]
+    nothing = ["Nothing fits.", "No object fits."]
+    batch = VLTPDataCollator(processor, [ANSWER], no_target_answers=nothing)(rows)
+    answers = [
+        processor.tokenizer.decode(ids[labels != -100], skip_special_tokens=True).strip()
+        for ids, labels in zip(batch["input_ids"], batch["labels"])
+    ]
+    assert answers[0] == ANSWER and set(answers[1:]) <= set(nothing)
+    lisa = VLTPDataCollator(processor, [ANSWER])(rows)
+    assert ((lisa["input_ids"] == processor.seg_token_id).sum(-1) == 1).all()
+
+    train_config = TrainConfig.from_dict(settings(Path("w"), "m", "o"), stage=1)
+    assert (train_config.empty_targets, train_config.no_target_answers) == ("answer_nothing", list(NO_TARGET_ANSWERS))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_trainers_loss_is_the_models_weighted_loss_with_every_part(tmp_path, stage):
+    """The Trainer adds up the parts its stage names (weights from the model config): the model's own `loss`, IoU loss
+    included, less the pruning loss in stage 1 (its prune decoder is frozen)."""
+    model, processor = tiny_model_and_processor()
+    images = [np.full((40, 60, 3), 90 * k, np.uint8) for k in range(2)]
+    masks = [np.zeros((40, 60), np.uint8) for _ in range(2)]
+    masks[0][5:30, 10:40] = masks[1][20:, :30] = 1
+    batch = processor(images=images, tasks=["cut bread", "dig"], answers=ANSWER, masks=masks)
+    if stage == 1:
+        losses, outputs = STAGE1_LOSSES, model(**batch, prune_rates=[0.0])
+    else:
+        segmenter = VLTPSamSegmenter(model.config)
+        seg_embeds = torch.randn(2, model.config.vision_config.guidance_dim)
+        losses = STAGE2_LOSSES
+        outputs = segmenter(batch["sam_pixel_values"], seg_embeds, batch["masks"], batch["reshaped_input_sizes"])
+    trainer = VLTPTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), **QUIET),
+        losses=losses,
+        input_names=(),
+        prune_rates=[0.0],
+    )
+    expected = outputs.loss - (model.config.prune_loss_weight * outputs.prune_loss if stage == 1 else 0)
+    assert outputs.iou_loss.item() > 0
+    assert trainer.weighted_loss(outputs).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def _pil(array):
     from PIL import Image
 
@@ -473,7 +529,7 @@ def test_cli_train_and_eval_from_a_yaml_config(world, base_model, stage1, tmp_pa
         ]
     )
     lines = capsys.readouterr().out.splitlines()
-    assert status == 0 and lines[0].startswith("RIO common: 6 samples")
+    assert status == 0 and lines[0].startswith("RIO common: 6 samples") and lines[0].endswith("answers teacher-forced")
     assert lines[1].split() == ["Model", "pruning", "rate", "gIoU", "(%)", "cIoU", "(%)", "GMACs"]
     rows = [line.split() for line in lines[2:]]
     assert [row[1] for row in rows] == ["-", "0.5"]
@@ -482,6 +538,31 @@ def test_cli_train_and_eval_from_a_yaml_config(world, base_model, stage1, tmp_pa
     # Dense, the teacher-forced evaluation equals stage 1's own evaluation at the end of training.
     assert float(rows[0][2]) == pytest.approx(100 * stage1[1].eval_metrics["eval_gIoU"], abs=0.06)
     assert float(rows[0][3]) == pytest.approx(100 * stage1[1].eval_metrics["eval_cIoU"], abs=0.06)
+
+
+def test_generated_answers_decide_whether_there_is_a_mask(world, base_model, capsys):
+    """With [SEG] suppressed in generation, every answer says nothing: every mask is empty, so each empty target
+    scores IoU 1 and each other target 0 (gIoU = the share of empty targets), and every empty target counts as
+    answered nothing. Teacher forcing on the same model still predicts a mask for every sample."""
+    model = VLTPForTaskSegmentation.from_pretrained(base_model)
+    processor = VLTPProcessor.from_pretrained(base_model)
+    dataset = load_rio(str(world), str(world), "common")
+    empty = [not np.asarray(row["mask"]).any() for row in dataset]
+    assert 0 < sum(empty) < len(empty)  # both kinds of target, so the credit shows
+    model.llava.generation_config.suppress_tokens = [processor.seg_token_id]
+    (generated,) = evaluate_rates(model, processor, dataset, [[0.5]], batch_size=4, answers="generated")
+    assert generated["answers"] == "generated" and generated["nothing_on_empty"] == 1.0
+    assert generated["gIoU"] == pytest.approx(sum(empty) / len(empty))
+    (forced,) = evaluate_rates(model, processor, dataset, [[0.5]], batch_size=4)
+    assert forced["answers"] == "teacher-forced" and "nothing_on_empty" not in forced
+    with pytest.raises(ValueError, match="answers must be one of .*got 'forced'"):
+        evaluate_rates(model, processor, dataset, [[0.5]], answers="forced")
+
+    arguments = ["--data", "rio", "--annotations", str(world), "--images", str(world), "--split", "common"]
+    status = main(["eval", *arguments, "--model", str(base_model), "--sweep-rates", "0.5", "--answers", "generated"])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0 and lines[0].endswith("answers generated")
+    assert lines[1].endswith("empty targets answered nothing (%)") and len(lines[2].split()) == 6
 
 
 def _rio_without_masks(world: Path, target: Path) -> Path:
@@ -538,6 +619,16 @@ BAD_INPUTS = {
     "unknown data field": (1, lambda c, t, w: c["data"].update(split="train"), "unknown field 'data.split'"),
     "wrong type": (1, lambda c, t, w: c["lora"].update(r="eight"), "field 'lora.r': expected <class 'int'>"),
     "unknown training argument": (1, lambda c, t, w: c["training"].update(lr=1), "field 'training.lr': not a field"),
+    "unknown empty_targets": (
+        1,
+        lambda c, t, w: c.update(empty_targets="reject"),
+        "field 'empty_targets': expected one of \\('answer_nothing', 'seg'\\), got 'reject'",
+    ),
+    "a no-target answer with [SEG]": (
+        1,
+        lambda c, t, w: c.update(no_target_answers=["None.", "It is [SEG]."]),
+        "field 'no_target_answers': need at least one non-empty answer, none holding \\[SEG\\]",
+    ),
     "rates in stage 1": (1, lambda c, t, w: c.update(prune_rates=[0.5]), "stage 1 trains the dense model"),
     "resume without checkpoint": (
         1,
@@ -632,13 +723,14 @@ def test_bad_input_fails_in_one_line_before_anything_is_written(world, stage1, t
 
 def test_two_processes_save_what_one_process_saves(world, base_model, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo), batch 1 each, against 1 process with batch 2: same data order,
-    no dropout, one answer (so that the LM loss averages the same tokens)."""
+    no dropout, one answer for every row, empty targets too (so that the LM loss averages the same tokens)."""
 
     def run(name, processes):
         config = settings(
             world,
             base_model,
             tmp_path / name,
+            empty_targets="seg",
             training={
                 "per_device_train_batch_size": 2 // processes,
                 "save_strategy": "steps",

@@ -4,7 +4,7 @@ The synthetic task world lives in :mod:`modeling_vltp.data.synthetic`.
 """
 
 from .coco_tasks import COCO_TASKS_NAMES, COCO_TASKS_TEMPLATE, TASK_NAME_SETS, load_coco_tasks, resolve_task_names
-from .collator import LISA_ANSWERS, VLTPDataCollator
+from .collator import LISA_ANSWERS, NO_TARGET_ANSWERS, VLTPDataCollator
 from .masks import decode_mask, decode_mask_batch
 from .records import FEATURES
 from .rio import RIO_SPLITS, load_rio
@@ -14,6 +14,7 @@ __all__ = [
     "COCO_TASKS_TEMPLATE",
     "FEATURES",
     "LISA_ANSWERS",
+    "NO_TARGET_ANSWERS",
     "RIO_SPLITS",
     "TASK_NAME_SETS",
     "VLTPDataCollator",

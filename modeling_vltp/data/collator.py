@@ -16,6 +16,15 @@ LISA_ANSWERS = (
     "[SEG].",
 )
 
+# Answers without `[SEG]` for a sample whose target is empty (nothing in the image fits the task); training draws one
+# per such sample, as LISA varies its `[SEG]` answers.
+NO_TARGET_ANSWERS = (
+    "There is nothing in the image that fits.",
+    "Nothing in the image fits the task.",
+    "Sorry, nothing here fits.",
+    "No object in the image fits the task.",
+)
+
 # The column of a `[SEG]` cache holding each row's projected `[SEG]` embedding.
 SEG_CACHE_COLUMN = "seg_embed"
 
@@ -25,19 +34,32 @@ class VLTPDataCollator:
 
     The prompt is LISA's question (the processor's template, "{task} Please output segmentation mask."). With
     `answers`, each row's answer is one of them, picked from the row's content so that every process, every run and
-    every resume picks the same; leave `answers` out for stage 2, which has no text. `keep_targets` adds each row's
-    mask at its own size (`target_masks`) and its `task_ids` for evaluation. Rows of a `[SEG]` cache add `seg_embeds`.
+    every resume picks the same; leave `answers` out for stage 2, which has no text. With `no_target_answers`, a row
+    whose target mask is empty is answered with one of those instead (no `[SEG]`: it trains LLaVA's loss only);
+    without them every row gets a `[SEG]` answer, as in LISA. `keep_targets` adds each row's mask at its own size
+    (`target_masks`) and its `task_ids` for evaluation. Rows of a `[SEG]` cache add `seg_embeds`.
     """
 
-    def __init__(self, processor: VLTPProcessor, answers=None, seed: int = 0, keep_targets: bool = False):
+    def __init__(
+        self,
+        processor: VLTPProcessor,
+        answers=None,
+        seed: int = 0,
+        keep_targets: bool = False,
+        no_target_answers=None,
+    ):
         self.processor = processor
         self.answers = list(answers) if answers else None
+        self.no_target_answers = list(no_target_answers) if no_target_answers else None
         self.seed = seed
         self.keep_targets = keep_targets
 
     def answer(self, row: dict) -> str:
+        answers = self.answers
+        if self.no_target_answers and not np.asarray(row["mask"]).any():
+            answers = self.no_target_answers
         key = f"{self.seed}/{row.get('image_id')}/{row.get('task_id')}/{row['task']}".encode()
-        return self.answers[zlib.crc32(key) % len(self.answers)]
+        return answers[zlib.crc32(key) % len(answers)]
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = dict(
@@ -56,4 +78,4 @@ class VLTPDataCollator:
         return batch
 
 
-__all__ = ["LISA_ANSWERS", "SEG_CACHE_COLUMN", "VLTPDataCollator"]
+__all__ = ["LISA_ANSWERS", "NO_TARGET_ANSWERS", "SEG_CACHE_COLUMN", "VLTPDataCollator"]
