@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from modeling_vltp.conversion import SAM_VARIANTS, convert_lisa
-from modeling_vltp.conversion.cli import DTYPES, comma_separated, run_conversion
+from modeling_vltp.conversion.cli import DTYPES, add_pruning_plan_arguments, run_conversion
 
 
 def main(argv=None) -> int:
@@ -22,8 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
     parser.add_argument("--vision-tower", help="CLIP folder or Hub id when the checkpoint has no vision tower weights")
     parser.add_argument("--sam-variant", choices=SAM_VARIANTS, default="vit_h", help="LISA's SAM (default vit_h)")
-    parser.add_argument("--prune-layers", type=comma_separated(int), help="e.g. 16,24 (default: the paper's)")
-    parser.add_argument("--prune-rates", type=comma_separated(float), help="e.g. 0.5,0.5 (default: 0.5 each)")
+    add_pruning_plan_arguments(parser)
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
     args = parser.parse_args(argv)
     return run_conversion(

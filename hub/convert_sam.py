@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from modeling_vltp.conversion import SAM_VARIANTS, convert_sam
-from modeling_vltp.conversion.cli import comma_separated, run_conversion
+from modeling_vltp.conversion.cli import add_pruning_plan_arguments, run_conversion
 
 
 def main(argv=None) -> int:
@@ -22,8 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--input", required=True, help="hf: a folder or Hub id; original: Meta's .pth file")
     parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
     parser.add_argument("--variant", choices=SAM_VARIANTS, help="required for --source original; checked for hf")
-    parser.add_argument("--prune-layers", type=comma_separated(int), help="e.g. 16,24 (default: the paper's)")
-    parser.add_argument("--prune-rates", type=comma_separated(float), help="e.g. 0.5,0.5 (default: 0.5 each)")
+    add_pruning_plan_arguments(parser)
     args = parser.parse_args(argv)
     if args.source == "original" and args.variant is None:
         parser.error("--source original needs --variant (Meta's checkpoints carry no config)")

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from modeling_vltp.conversion import convert_vltp
-from modeling_vltp.conversion.cli import DTYPES, comma_separated, run_conversion
+from modeling_vltp.conversion.cli import DTYPES, add_pruning_plan_arguments, run_conversion
 
 
 def main(argv=None) -> int:
@@ -20,8 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--llava", required=True, help="folder or Hub id in llava-hf/llava-1.5-7b-hf's layout")
     parser.add_argument("--sam", required=True, help="folder or Hub id of transformers' SAM, or convert_sam's output")
     parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
-    parser.add_argument("--prune-layers", type=comma_separated(int), help="e.g. 16,24 (default: the paper's)")
-    parser.add_argument("--prune-rates", type=comma_separated(float), help="e.g. 0.5,0.5 (default: 0.5 each)")
+    add_pruning_plan_arguments(parser)
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
     args = parser.parse_args(argv)
     return run_conversion(

@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_vltp import SAM_VISION_PRESETS, VLTPConfig, VLTPVisionConfig
-from .flops import count_gmacs
+from .flops import count_gmacs, vision_gmacs
 from .modeling_vltp import (
     VLTPForTaskSegmentation,
     VLTPPreTrainedModel,
@@ -63,5 +63,6 @@ __all__ = [
     "dice_loss",
     "pruning_targets",
     "select_tokens",
+    "vision_gmacs",
     "vltp_pruning_loss",
 ]

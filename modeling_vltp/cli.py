@@ -3,7 +3,7 @@
     vltp segment IMAGE "TASK" [--model DIR_OR_HUB_ID] [--prune-rates 0.5,0.5] [--out mask.png]
                               [--overlay overlay.png] [--show-pruning pruning.png]
     vltp train --stage 1|2 --config FILE.yaml [--resume [CHECKPOINT]]
-    vltp eval --data rio|coco_tasks --annotations PATH --images DIR --split SPLIT --model DIR [--prune-rates 0,0.5,0.8]
+    vltp eval --data rio|coco_tasks --annotations PATH --images DIR --split SPLIT --model DIR [--sweep-rates 0,0.5,0.8]
 
 Errors (an unreadable image, a missing model, an unreachable Hub, bad rates, a bad training config) are reported in one
 line on stderr with a non-zero exit status. `vltp train` runs under `accelerate launch` as it is (see
@@ -24,14 +24,27 @@ class CommandError(Exception):
     """A problem to report in one line, without a traceback."""
 
 
-def _parse_rates(text: str) -> list[float]:
-    try:
-        return [float(rate) for rate in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5, got {text!r}") from None
+def comma_separated(cast, example: str):
+    """An argparse `type` for lists such as "0.5,0.5": each non-blank item converted by `cast` (`float`, `int`); a
+    one-line error naming `example` when an item does not convert or no item is given."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [cast(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {cast.__name__} values such as {example}, got {text!r}"
+            )
+        return values
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import TASK_NAME_SETS
+
     parser = argparse.ArgumentParser(prog="vltp", description="VLTP: task-oriented segmentation with token pruning.")
     commands = parser.add_subparsers(dest="command", required=True)
     segment = commands.add_parser("segment", help="segment what a task asks for in an image")
@@ -42,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a local directory or a Hub id of a VLTP checkpoint with its processor (default: the built-in demo "
         "model, trained on the synthetic task world)",
     )
-    segment.add_argument("--prune-rates", type=_parse_rates, help="one rate per pruning stage, e.g. 0.5,0.5")
+    segment.add_argument(
+        "--prune-rates", type=comma_separated(float, "0.5,0.5"), help="one rate per pruning stage, e.g. 0.5,0.5"
+    )
     segment.add_argument("--out", default="mask.png", help="where to write the mask (default: mask.png)")
     segment.add_argument("--overlay", help="where to write the image with the mask over it")
     segment.add_argument("--show-pruning", help="where to write the kept-token map of each pruning stage")
@@ -71,28 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", required=True, help="RIO: train, common, uncommon; COCO-Tasks: train, test")
     evaluate.add_argument("--model", required=True, help="a local VLTP checkpoint directory or a Hub id")
     evaluate.add_argument(
-        "--prune-rates",
-        type=_parse_rates,
-        help="rates to evaluate, each for every pruning stage (0: dense); default: 0 and the model's own rates",
+        "--sweep-rates",
+        type=comma_separated(float, "0,0.5,0.8"),
+        help="the rates to evaluate, one row each, every pruning stage at that rate (0: dense); default: 0 and the "
+        "model's own rates",
     )
-    evaluate.add_argument("--tasks", type=_parse_ints, help="COCO-Tasks task numbers, e.g. 1,2,3 (default: all)")
+    evaluate.add_argument(
+        "--tasks", type=comma_separated(int, "1,2,3"), help="COCO-Tasks task numbers, e.g. 1,2,3 (default: all)"
+    )
     evaluate.add_argument(
         "--task-names",
-        choices=("coco_tasks", "synthetic"),
+        choices=tuple(TASK_NAME_SETS),
         default="coco_tasks",
-        help="COCO-Tasks names: the official ones or the synthetic world's",
+        help="the set of names COCO-Tasks' task numbers stand for (default: coco_tasks, the official ones)",
     )
     evaluate.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     evaluate.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
     evaluate.add_argument("--device", help="torch device (default: accelerate's device for this process, else cpu)")
     return parser
-
-
-def _parse_ints(text: str) -> list[int]:
-    try:
-        return [int(value) for value in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {text!r}") from None
 
 
 def _open_image(path: str):
@@ -276,7 +287,6 @@ def train_command(args) -> None:
 
 def eval_command(args) -> None:
     from .configuration_vltp import check_prune_rates
-    from .data.synthetic import TASK_NAMES as SYNTHETIC_TASK_NAMES
     from .training import DataSettings, TrainingInputError, evaluate_rates, load_split
 
     data = DataSettings(
@@ -284,7 +294,7 @@ def eval_command(args) -> None:
         annotations=args.annotations,
         images=args.images,
         tasks=args.tasks,
-        task_names=list(SYNTHETIC_TASK_NAMES) if args.task_names == "synthetic" else None,
+        task_names=args.task_names,
     )
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -294,13 +304,13 @@ def eval_command(args) -> None:
         raise CommandError(str(error)) from None
     vision_config = _model_config(args.model).vision_config
     num_stages = len(vision_config.prune_layers)
-    if args.prune_rates is None:
+    if args.sweep_rates is None:
         rates_list = [[0.0] * num_stages, list(vision_config.prune_rates)]
     else:
-        rates_list = [[rate] * num_stages for rate in args.prune_rates]
+        rates_list = [[rate] * num_stages for rate in args.sweep_rates]
     try:
         for stage_rates in rates_list:
-            check_prune_rates(stage_rates, num_stages, name="--prune-rates")
+            check_prune_rates(stage_rates, num_stages, name="--sweep-rates")
     except ValueError as error:
         raise CommandError(str(error)) from None
     model, processor = _load_model(args.model, _device(args.device))

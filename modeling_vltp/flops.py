@@ -13,10 +13,15 @@ ViT-H costs no compute and no memory:
 ...     guidance = torch.empty(1, 256)
 >>> round(count_gmacs(model, pixel_values, guidance_embeds=guidance))  # rates 0.5 / 0.5 after layers 16 and 24
 ```
+
+[`vision_gmacs`] does this for a config at any rates.
 """
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .configuration_vltp import VLTPVisionConfig
+from .modeling_vltp import VLTPSamVisionModel
 
 
 def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -42,4 +47,18 @@ def count_gmacs(model: torch.nn.Module, pixel_values: torch.Tensor, **forward_kw
     return counter.get_total_flops() / 2 / 1e9
 
 
-__all__ = ["count_gmacs"]
+def vision_gmacs(config: VLTPVisionConfig, prune_rates=None, image_size: int | None = None) -> float:
+    """GMACs of one image through the pruned SAM ViT of `config` at `prune_rates` (default: the config's), prune
+    decoder included, counted on the meta device; `image_size` overrides the config's. All rates 0 (or no pruning
+    stage) counts SAM's plain ViT, without the prune decoder: the paper's baseline rows."""
+    if image_size is not None:
+        config = VLTPVisionConfig.from_dict({**config.to_dict(), "image_size": image_size})
+    rates = [float(rate) for rate in (config.prune_rates if prune_rates is None else prune_rates)]
+    with torch.device("meta"):
+        model = VLTPSamVisionModel(config)
+        pixel_values = torch.empty(1, config.num_channels, config.image_size, config.image_size)
+        guidance = torch.empty(1, config.guidance_dim) if any(rates) else None
+    return count_gmacs(model, pixel_values, guidance_embeds=guidance, prune_rates=rates)
+
+
+__all__ = ["count_gmacs", "vision_gmacs"]

@@ -16,7 +16,6 @@ import importlib
 import tempfile
 from pathlib import Path
 
-import torch
 from huggingface_hub import HfApi, ModelCardData, constants
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -27,8 +26,7 @@ from huggingface_hub.errors import (
 from peft import PeftModel
 from transformers import PreTrainedModel, ProcessorMixin
 
-from .configuration_vltp import VLTPVisionConfig
-from .flops import count_gmacs
+from .flops import vision_gmacs
 from .modeling_vltp import MAX_SHARD_SIZE, VLTPSamVisionModel
 
 PAPER_URL = "https://arxiv.org/abs/2409.08464"
@@ -112,37 +110,22 @@ def hub_errors(repo_id: str, action: str = "access"):
         raise HubError(message) from error
 
 
-def _vision_config(config) -> VLTPVisionConfig:
-    """The pruned SAM encoder's config: the model's own, or its `vision_config` for composite models."""
-    for candidate in (config, getattr(config, "vision_config", None)):
-        if isinstance(candidate, VLTPVisionConfig):
+def _vision_model(model: PreTrainedModel) -> VLTPSamVisionModel:
+    """The pruned SAM encoder: the model itself, or its `vision_model` for composite models."""
+    for candidate in (model, getattr(model, "vision_model", None)):
+        if isinstance(candidate, VLTPSamVisionModel):
             return candidate
-    raise TypeError(f"{type(config).__name__} is not a VLTP config (no VLTPVisionConfig in it).")
+    raise TypeError(f"{type(model).__name__} is not a VLTP model (no VLTPSamVisionModel in it).")
 
 
-def encoder_gmacs(config: VLTPVisionConfig, image_size: int = CARD_IMAGE_SIZE) -> tuple[float, float]:
-    """GMACs of the image encoder on one `image_size` x `image_size` image, without and with its pruning plan.
-
-    Counted with [`count_gmacs`] on the meta device: a full-size ViT-H costs neither compute nor memory.
-    """
-    config = VLTPVisionConfig.from_dict({**config.to_dict(), "image_size": image_size})
-    with torch.device("meta"):
-        model = VLTPSamVisionModel(config).eval()
-        pixel_values = torch.empty(1, config.num_channels, image_size, image_size)
-        guidance = torch.empty(1, config.guidance_dim)
-    dense = count_gmacs(model, pixel_values)
-    pruned = count_gmacs(model, pixel_values, guidance_embeds=guidance) if config.prune_layers else dense
-    return dense, pruned
-
-
-def _pruning_section(config: VLTPVisionConfig) -> str:
-    grid = config.image_size // config.patch_size
-    num_tokens = grid * grid
+def _pruning_section(vision: VLTPSamVisionModel) -> str:
+    config = vision.config
+    num_tokens = vision.grid_size**2
     if not config.prune_layers:
         return "This encoder has no pruning stage: every token runs through every layer."
     rows = ["| stage | starts after layer | pruning rate | tokens kept |", "| --- | --- | --- | --- |"]
     for stage, (layer, rate) in enumerate(zip(config.prune_layers, config.prune_rates), start=1):
-        kept = num_tokens - round(rate * num_tokens)
+        kept = vision.num_kept_tokens(rate)
         rows.append(f"| {stage} | {layer} of {config.num_hidden_layers} | {rate:g} | {kept} of {num_tokens} |")
     return (
         "After each listed layer the prune decoder scores every token of the image grid against the guidance "
@@ -187,7 +170,7 @@ def model_card(
     how to load it, and the paper.
 
     Args:
-        model: a [`VLTPSamVisionModel`], or a VLTP model whose config has a `vision_config` of that kind.
+        model: a [`VLTPSamVisionModel`], or a VLTP model holding one as `vision_model`.
         repo_id: where the card will live, used in the code example (defaults to "<namespace>/<name>").
         base_model: the Hub id of the weights this checkpoint starts from, e.g. `"facebook/sam-vit-huge"`.
         metrics: metric name to value, e.g. `{"gIoU": 0.612, "cIoU": 0.587}`.
@@ -197,8 +180,10 @@ def model_card(
     if metrics and not metrics_dataset:
         raise ValueError("`metrics` need `metrics_dataset`: say which data (and split) they were measured on.")
     repo_id = repo_id or "<namespace>/<name>"
-    config = _vision_config(model.config)
-    dense, pruned = encoder_gmacs(config)
+    vision = _vision_model(model)
+    config = vision.config
+    dense = vision_gmacs(config, [0.0] * len(config.prune_layers), image_size=CARD_IMAGE_SIZE)
+    pruned = vision_gmacs(config, image_size=CARD_IMAGE_SIZE)
     metadata = ModelCardData(
         license=license,
         library_name="transformers",
@@ -221,7 +206,7 @@ def model_card(
             if base_model
             else "Base weights: not stated."
         ),
-        "## Pruning\n\n" + _pruning_section(config),
+        "## Pruning\n\n" + _pruning_section(vision),
         "## Compute\n\n"
         f"Image encoder, one {CARD_IMAGE_SIZE}x{CARD_IMAGE_SIZE} image, in GMACs (multiply-accumulates, the unit the "
         "paper calls GFLOPs), counted with `modeling_vltp.count_gmacs`:\n\n"
@@ -360,7 +345,6 @@ def push_to_hub_with_card(
 __all__ = [
     "HubError",
     "adapter_card",
-    "encoder_gmacs",
     "hub_errors",
     "model_card",
     "push_to_hub_with_card",

@@ -32,7 +32,6 @@ import struct
 import time
 import types
 import typing
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,22 +44,14 @@ from safetensors.torch import load_file, save_file
 from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
-from .data import load_coco_tasks, load_rio
+from .data import load_coco_tasks, load_rio, resolve_task_names
+from .data.collator import LISA_ANSWERS, SEG_CACHE_COLUMN, VLTPDataCollator
 from .data.masks import decode_mask_batch
-from .data.synthetic import TASK_NAMES as SYNTHETIC_TASK_NAMES
-from .flops import count_gmacs
+from .flops import vision_gmacs
 from .metrics import tos_metrics_from_counts
-from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamSegmenter, VLTPSamVisionModel
+from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamSegmenter
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
-
-# LISA's answers (`ANSWER_LIST` of LISA's utils); training draws one per sample.
-LISA_ANSWERS = (
-    "It is [SEG].",
-    "Sure, [SEG].",
-    "Sure, it is [SEG].",
-    "Sure, the segmentation result is [SEG].",
-    "[SEG].",
-)
+from .staging import staged_output
 
 # LISA's optimisation settings (train_ds.py): AdamW with betas (0.9, 0.95), no weight decay, lr 3e-4 with 100 warmup
 # steps then linear decay, gradient clipping at 1, batch 2 per device with 10 accumulation steps. A config's
@@ -76,7 +67,6 @@ STAGE1_TRAINING_DEFAULTS = {
     "gradient_accumulation_steps": 10,
 }
 
-SEG_CACHE_COLUMN = "seg_embed"
 _SEG_CACHE_INFO = "vltp_seg_cache.json"
 # What a run was started with (settings, model and data fingerprints) and the checkpoints it completed, in output_dir.
 RUN_RECORD = "vltp_run.json"
@@ -133,7 +123,8 @@ class DataSettings:
     """Where the samples come from: a RIO or COCO-Tasks layout (real or synthetic, see `docs/data.md`).
 
     `annotations` is RIO's split file or folder, or COCO-Tasks' annotation folder; `images` the COCO 2014 root.
-    `tasks` picks COCO-Tasks task numbers; `task_names` is a list of names or `"synthetic"` for the synthetic world's.
+    `tasks` picks COCO-Tasks task numbers; `task_names` is a list of names or the name of a set of
+    `data.TASK_NAME_SETS` (e.g. `"synthetic"`).
     `max_train_samples` / `max_eval_samples` keep the first samples only.
     """
 
@@ -366,9 +357,8 @@ def load_split(data: DataSettings, split: str, max_samples: int | None = None, s
         if data.format == "rio":
             dataset = load_rio(data.annotations, data.images, split)
         else:
-            names = SYNTHETIC_TASK_NAMES if data.task_names == "synthetic" else data.task_names
-            extra = {"task_names": tuple(names)} if names is not None else {}
-            dataset = load_coco_tasks(data.annotations, data.images, split, tasks=data.tasks, **extra)
+            names = resolve_task_names(data.task_names)
+            dataset = load_coco_tasks(data.annotations, data.images, split, tasks=data.tasks, task_names=names)
     except (FileNotFoundError, ValueError) as error:
         raise TrainingInputError(f"{source}: data ({data.format}, split {split!r}): {error}") from None
     if max_samples is not None:
@@ -381,42 +371,6 @@ def load_split(data: DataSettings, split: str, max_samples: int | None = None, s
             f"{source}: data ({data.format}, split {split!r}): no target masks, every sample's mask is empty"
         )
     return dataset
-
-
-class VLTPDataCollator:
-    """Rows of the loaders (or of a `[SEG]` cache) -> a batch of model inputs, through [`VLTPProcessor`].
-
-    The prompt is LISA's question (the processor's template, "{task} Please output segmentation mask."). With
-    `answers`, each row's answer is one of them, picked from the row's content so that every process, every run and
-    every resume picks the same; leave `answers` out for stage 2, which has no text. `keep_targets` adds each row's
-    mask at its own size (`target_masks`) and its `task_ids` for evaluation. Rows of a `[SEG]` cache add `seg_embeds`.
-    """
-
-    def __init__(self, processor: VLTPProcessor, answers=None, seed: int = 0, keep_targets: bool = False):
-        self.processor = processor
-        self.answers = list(answers) if answers else None
-        self.seed = seed
-        self.keep_targets = keep_targets
-
-    def answer(self, row: dict) -> str:
-        key = f"{self.seed}/{row.get('image_id')}/{row.get('task_id')}/{row['task']}".encode()
-        return self.answers[zlib.crc32(key) % len(self.answers)]
-
-    def __call__(self, rows: list[dict]) -> dict:
-        batch = dict(
-            self.processor(
-                images=[row["image"].convert("RGB") for row in rows],
-                tasks=[row["task"] for row in rows],
-                answers=[self.answer(row) for row in rows] if self.answers else None,
-                masks=[row["mask"] for row in rows],
-            )
-        )
-        if SEG_CACHE_COLUMN in rows[0]:
-            batch["seg_embeds"] = torch.tensor(np.array([row[SEG_CACHE_COLUMN] for row in rows]), dtype=torch.float32)
-        if self.keep_targets:
-            batch["target_masks"] = [np.asarray(row["mask"], dtype=bool) for row in rows]
-            batch["task_ids"] = torch.tensor([row.get("task_id", -1) for row in rows])
-        return batch
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -442,17 +396,6 @@ def mask_overlaps(processor: VLTPProcessor, pred_masks, seg_sample_indices, batc
         predicted = masks.get(sample, np.zeros_like(target))
         counts.append(((predicted & target).sum(), (predicted | target).sum()))
     return torch.tensor(counts, dtype=torch.int64)
-
-
-def vision_gmacs(vision_config: VLTPVisionConfig, prune_rates) -> float:
-    """GMACs of one image through SAM's ViT at `prune_rates`, prune decoder included, counted on the meta device.
-    All rates 0 counts SAM's plain ViT (no prune decoder), the paper's baseline rows."""
-    rates = [float(rate) for rate in prune_rates]
-    with torch.device("meta"):
-        model = VLTPSamVisionModel(vision_config)
-        pixel_values = torch.empty(1, vision_config.num_channels, vision_config.image_size, vision_config.image_size)
-        guidance = torch.empty(1, vision_config.guidance_dim) if any(rates) else None
-    return count_gmacs(model, pixel_values, guidance_embeds=guidance, prune_rates=rates)
 
 
 class TOSMetrics:
@@ -723,16 +666,21 @@ def train_stage1(config: TrainConfig, callbacks=None) -> TrainSummary:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def seg_embeddings(model: VLTPForTaskSegmentation, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projected `[SEG]` states of a teacher-forced batch, (S, guidance_dim), and the sample of each."""
+def seg_embeddings_by_batch(model: VLTPForTaskSegmentation, dataset: Dataset, collator, batch_size: int, desc: str):
+    """Batches of `dataset` as `collator` makes them (teacher-forced), each with the projected `[SEG]` states of its
+    LLaVA pass: yields (batch, embeddings (S, guidance_dim), the sample of each (S,)). A progress bar says `desc`."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
     device = model.device
-    _, seg_embeds, samples = model.seg_embeddings(
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
-        batch["pixel_values"].to(device, model.dtype),
-    )
-    return seg_embeds, samples
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc=desc):
+        with torch.no_grad():
+            _, seg_embeds, samples = model.seg_embeddings(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["pixel_values"].to(device, model.dtype),
+            )
+        yield batch, seg_embeds, samples
 
 
 def build_seg_cache(
@@ -746,34 +694,27 @@ def build_seg_cache(
     """One teacher-forced pass (LISA's validation answer) over every split: saves the rows with their projected
     `[SEG]` embedding (column `seg_embed`) as a `DatasetDict` at `path`, with `info` in `vltp_seg_cache.json`.
 
-    The cache is written to a temporary folder and moved into place when complete, so an interrupted pass leaves no
-    cache that looks valid.
+    The cache is written through [`staged_output`], so an interrupted pass leaves no cache that looks valid.
     """
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     path = Path(path)
     model.eval()
     collator = VLTPDataCollator(processor, [DEFAULT_ANSWER])
     cache = {}
     for name, dataset in splits.items():
         embeds = []
-        for batch in tqdm(
-            DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc=f"[SEG] cache, {name}"
+        for batch, seg, samples in seg_embeddings_by_batch(
+            model, dataset, collator, batch_size, f"[SEG] cache, {name}"
         ):
-            seg, samples = seg_embeddings(model, batch)
             if samples.tolist() != list(range(len(batch["input_ids"]))):
                 raise RuntimeError("expected exactly one [SEG] per teacher-forced sample")
             embeds.append(seg.float().cpu())
         cache[name] = dataset.with_format(None).add_column(SEG_CACHE_COLUMN, torch.cat(embeds).tolist())
     cache = DatasetDict(cache)
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    cache.save_to_disk(partial)
-    (partial / _SEG_CACHE_INFO).write_text(
-        json.dumps({"guidance_dim": model.config.vision_config.guidance_dim, **(info or {})}, indent=2)
-    )
-    partial.rename(path)
+    with staged_output(path) as staging:
+        cache.save_to_disk(staging)
+        (staging / _SEG_CACHE_INFO).write_text(
+            json.dumps({"guidance_dim": model.config.vision_config.guidance_dim, **(info or {})}, indent=2)
+        )
     return load_seg_cache(path)
 
 
@@ -1236,15 +1177,11 @@ def evaluate_rates(
     """Teacher-forced evaluation of `model` on `dataset` at each entry of `rates_list` (one rate per pruning stage):
     LLaVA runs once per batch, SAM once per rate. Returns per entry `prune_rates`, `gIoU`, `cIoU`, `mIoU_tasks` and
     `gmacs` (the ViT's, see [`vision_gmacs`])."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     model.eval()
     collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
     overlaps, task_ids = defaultdict(list), []
     with torch.no_grad():
-        for batch in tqdm(DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc="evaluating"):
-            seg, samples = seg_embeddings(model, batch)
+        for batch, seg, samples in seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating"):
             pixels = batch["sam_pixel_values"].to(model.device, model.dtype)[samples.to(model.device)]
             for index, rates in enumerate(rates_list):
                 pred_masks, _, _ = model.decode_masks(pixels, seg, rates)
@@ -1263,13 +1200,11 @@ def evaluate_rates(
 
 __all__ = [
     "DataSettings",
-    "LISA_ANSWERS",
     "LoraSettings",
     "TOSMetrics",
     "TrainConfig",
     "TrainSummary",
     "TrainingInputError",
-    "VLTPDataCollator",
     "VLTPTrainer",
     "build_seg_cache",
     "check_config",
@@ -1285,12 +1220,11 @@ __all__ = [
     "record_differences",
     "run_record",
     "seg_cache_info",
-    "seg_embeddings",
+    "seg_embeddings_by_batch",
     "train",
     "train_stage1",
     "train_stage2",
     "training_arguments",
-    "vision_gmacs",
     "weights_fingerprint",
     "write_back_segmenter",
 ]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
-from modeling_vltp.cli import main
+from modeling_vltp.cli import build_parser, main
 from modeling_vltp.data import load_rio, synthetic
 from modeling_vltp.testing import tiny_model_and_processor
 from modeling_vltp.visualization import overlay_mask, pruning_map
@@ -109,23 +109,41 @@ def test_pruning_map_draws_one_panel_per_stage_on_the_image_pixels():
     assert (second[:32, :32] < 200).all() and (second[:32, 32:] == 200).all()
 
 
+def test_list_arguments_are_comma_separated_and_each_command_says_what_its_rates_mean(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["segment", "a.png", "task", "--prune-rates", "0.5, 0.8"]).prune_rates == [0.5, 0.8]
+    evaluate = [
+        "eval",
+        "--data",
+        "coco_tasks",
+        "--annotations",
+        "a",
+        "--images",
+        "i",
+        "--split",
+        "test",
+        "--model",
+        "m",
+    ]
+    args = parser.parse_args([*evaluate, "--sweep-rates", "0,0.5,0.8", "--tasks", "1,2", "--task-names", "synthetic"])
+    assert (args.sweep_rates, args.tasks, args.task_names) == ([0.0, 0.5, 0.8], [1, 2], "synthetic")
+    for bad in (["--sweep-rates", "0,half"], ["--sweep-rates", ","], ["--tasks", "1.5"], ["--prune-rates", "0.5"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*evaluate, *bad])
+    errors = capsys.readouterr().err
+    assert "expected comma-separated float values such as 0,0.5,0.8, got '0,half'" in errors
+    assert "unrecognized arguments: --prune-rates" in errors
+
+
+def run_vltp(*arguments: str, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m modeling_vltp.cli ARGUMENTS` in a new process, as a user runs it."""
+    command = [sys.executable, "-m", "modeling_vltp.cli", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+
+
 def test_segment_runs_as_a_command(tmp_path, world, model_dir):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modeling_vltp.cli",
-            "segment",
-            str(first_image(world)),
-            "dig a hole",
-            "--model",
-            str(model_dir),
-            "--out",
-            str(tmp_path / "m.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_vltp(
+        "segment", str(first_image(world)), "dig a hole", "--model", str(model_dir), "--out", str(tmp_path / "m.png")
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m.png").exists() and "answer:" in result.stdout
@@ -211,20 +229,12 @@ def test_segment_draws_the_pruning_map_of_a_one_pixel_image(tmp_path, capsys):
 
 def test_offline_hub_is_one_line(world):
     """With the Hub unreachable (offline mode), a Hub id that is not cached gives a one-line error."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modeling_vltp.cli",
-            "segment",
-            str(first_image(world)),
-            "task",
-            "--model",
-            "someone/vltp-tiny-missing",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_vltp(
+        "segment",
+        str(first_image(world)),
+        "task",
+        "--model",
+        "someone/vltp-tiny-missing",
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr

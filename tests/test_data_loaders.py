@@ -10,7 +10,15 @@ from datasets import load_from_disk
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from modeling_vltp.data import COCO_TASKS_NAMES, decode_mask, decode_mask_batch, load_coco_tasks, load_rio
+from modeling_vltp.data import (
+    COCO_TASKS_NAMES,
+    decode_mask,
+    decode_mask_batch,
+    load_coco_tasks,
+    load_rio,
+    resolve_task_names,
+    synthetic,
+)
 
 DATA_FORMATS = Path(__file__).resolve().parents[2] / "shared" / "data-formats"
 needs_excerpts = pytest.mark.skipif(not DATA_FORMATS.is_dir(), reason="../shared/data-formats is not present")
@@ -675,3 +683,11 @@ def test_saved_rows_with_embedded_image_bytes_still_decode(rio_dir, tmp_path):
     saved = load_from_disk(str(tmp_path / "saved"))
     saved.set_transform(decode_mask_batch)
     assert saved[0]["image"].size == (W, H) and saved[0]["mask"].shape == (H, W)
+
+
+def test_task_names_are_a_list_or_the_name_of_a_set():
+    assert resolve_task_names(None) == resolve_task_names("coco_tasks") == COCO_TASKS_NAMES
+    assert resolve_task_names("synthetic") == synthetic.TASK_NAMES
+    assert resolve_task_names(["cut", "sit on"]) == ("cut", "sit on")
+    with pytest.raises(ValueError, match="one of 'coco_tasks', 'synthetic', got 'coco'"):
+        resolve_task_names("coco")

@@ -19,8 +19,8 @@ from test_conversion import FLOAT32_TOLERANCE, assert_close
 from test_vision_model import tiny_config, tiny_model
 from transformers import AutoModel
 
-from modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel, VLTPVisionConfig, count_gmacs
-from modeling_vltp.hub import HubError, encoder_gmacs, hub_errors, model_card, push_to_hub_with_card
+from modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel, VLTPVisionConfig, count_gmacs, vision_gmacs
+from modeling_vltp.hub import HubError, hub_errors, model_card, push_to_hub_with_card
 from modeling_vltp.testing import tiny_model_and_processor, tiny_processor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,8 @@ def test_model_card_states_weights_pruning_compute_metrics_usage_and_paper():
 
 
 def test_card_gmacs_of_sam_vit_h_match_the_papers_count():
-    dense, pruned = encoder_gmacs(VLTPVisionConfig.vit_h())
+    config = VLTPVisionConfig.vit_h()
+    dense, pruned = vision_gmacs(config, [0.0, 0.0]), vision_gmacs(config)
     # SAM ViT-H's image encoder: 2980.5 GMACs counted on transformers' SamVisionModel; the paper reports 2976.
     assert dense == pytest.approx(2980.5, abs=1.0)
     assert 0.5 * dense < pruned < 0.8 * dense

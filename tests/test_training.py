@@ -14,23 +14,21 @@ import torch
 import yaml
 from transformers import EvalPrediction, LlavaForConditionalGeneration, TrainerCallback
 
-from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor, vision_gmacs
 from modeling_vltp.cli import main
-from modeling_vltp.data import load_rio, synthetic
+from modeling_vltp.data import VLTPDataCollator, load_rio, synthetic
 from modeling_vltp.metrics import compute_tos_metrics
 from modeling_vltp.testing import tiny_config, tiny_model_and_processor
 from modeling_vltp.training import (
     LoraSettings,
     TOSMetrics,
     TrainConfig,
-    VLTPDataCollator,
     load_seg_cache,
     mask_overlaps,
     merge_stage1,
     prepare_stage1_model,
     run_record,
     train,
-    vision_gmacs,
 )
 
 ANSWER = "Sure, [SEG]."
@@ -468,7 +466,7 @@ def test_cli_train_and_eval_from_a_yaml_config(world, base_model, stage1, tmp_pa
             "common",
             "--model",
             str(stage1[0]),
-            "--prune-rates",
+            "--sweep-rates",
             "0,0.5",
             "--batch-size",
             "4",

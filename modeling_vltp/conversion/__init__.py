@@ -12,7 +12,6 @@ from .checkpoints import (
     from_pretrained_checked,
     read_state_dict,
     relative_error,
-    staged_output,
 )
 from .lisa import LISA_IMAGE_END, LISA_IMAGE_START, LISA_SYSTEM_PROMPT, convert_lisa, lisa_to_vltp_key
 from .llava import CHECK_TASK, check_image, convert_vltp, load_llava, load_sam_for_vltp
@@ -69,7 +68,6 @@ __all__ = [
     "sam_from_original_state_dict",
     "segment_anything_outputs",
     "segment_anything_reference",
-    "staged_output",
     "vltp_vision_model_from_sam",
     "with_segment_anything_eps",
 ]

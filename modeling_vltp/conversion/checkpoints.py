@@ -1,12 +1,10 @@
-"""Checked loading of checkpoints (refusing incomplete, misshapen or foreign ones with one-line errors), staged
-output (a conversion writes its folder only once everything passed), and the self-checks' error measure."""
+"""Checked loading of checkpoints (refusing incomplete, misshapen or foreign ones with one-line errors), the output
+folder's check, and the self-checks' error measure."""
 
 import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -134,24 +132,6 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} exists and is not an empty folder; choose a new --output-dir.")
     return output_dir
-
-
-@contextlib.contextmanager
-def staged_output(output_dir: Path):
-    """
-    Yield a hidden staging folder next to `output_dir`, renamed to `output_dir` when the block succeeds and removed
-    when it fails, so that a refused or failed conversion leaves no partial output.
-    """
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        yield staging
-        if output_dir.exists():
-            output_dir.rmdir()
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _local_folder(source: str | os.PathLike, what: str) -> Path:

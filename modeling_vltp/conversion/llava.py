@@ -22,6 +22,7 @@ from ..configuration_vltp import VLTPConfig, VLTPVisionConfig
 from ..hub import HubError, hub_errors
 from ..modeling_vltp import MAX_SHARD_SIZE, VLTPForTaskSegmentation, VLTPSamVisionModel
 from ..processing_vltp import IMAGE_TOKEN, VLTPProcessor, add_vltp_special_tokens
+from ..staging import staged_output
 from .checkpoints import (
     CHECK_TOLERANCE,
     _config_dict,
@@ -29,7 +30,6 @@ from .checkpoints import (
     check_output_dir,
     from_pretrained_checked,
     relative_error,
-    staged_output,
 )
 from .sam import (
     _TIED_SHARED_EMBEDDING,

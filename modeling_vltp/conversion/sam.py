@@ -34,6 +34,7 @@ from transformers.utils import logging
 
 from ..configuration_vltp import SAM_VISION_PRESETS, VLTPVisionConfig
 from ..modeling_vltp import VLTPSamVisionModel
+from ..staging import staged_output
 from .checkpoints import (
     CHECK_TOLERANCE,
     _check_weights,
@@ -42,7 +43,6 @@ from .checkpoints import (
     check_output_dir,
     from_pretrained_checked,
     relative_error,
-    staged_output,
 )
 
 logger = logging.get_logger(__name__)

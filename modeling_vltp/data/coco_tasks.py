@@ -20,6 +20,7 @@ from datasets import Dataset
 
 from .masks import InvalidFieldError, check_box, check_segmentation, encode_mask
 from .records import BadRecords, build_dataset, read_json, require, require_image, require_size
+from .synthetic import TASK_NAMES as SYNTHETIC_TASK_NAMES
 
 # Task names in the official order (task N is COCO_TASKS_NAMES[N - 1]), as VLTP words them.
 COCO_TASKS_NAMES = (
@@ -38,6 +39,8 @@ COCO_TASKS_NAMES = (
     "extinguish fire",
     "pound carpet",
 )
+# Named sets of task names, so that a config or a command line can say which without knowing the lists.
+TASK_NAME_SETS = {"coco_tasks": COCO_TASKS_NAMES, "synthetic": SYNTHETIC_TASK_NAMES}
 COCO_TASKS_TEMPLATE = "you can use the thing to {task}"
 COCO_TASKS_SPLITS = ("train", "test")
 _SPLIT_FOLDERS = {"train": "train2014", "test": "val2014"}
@@ -160,6 +163,20 @@ def _load_task(file: Path, task: int, sentence: str, image_root: Path, split: st
         row["boxes"] = [b for _, b in instances]
         rows.append(row)
     return rows
+
+
+def resolve_task_names(names: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The `task_names` of [`load_coco_tasks`] from a list of names, the name of a set of [`TASK_NAME_SETS`]
+    ("coco_tasks": the official 14, "synthetic": the synthetic world's), or `None` (the official ones)."""
+    if names is None:
+        return COCO_TASKS_NAMES
+    if isinstance(names, str):
+        if names not in TASK_NAME_SETS:
+            raise ValueError(
+                f"task_names: expected a list of names or one of {', '.join(map(repr, TASK_NAME_SETS))}, got {names!r}"
+            )
+        return TASK_NAME_SETS[names]
+    return tuple(names)
 
 
 def load_coco_tasks(
