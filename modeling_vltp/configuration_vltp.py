@@ -258,6 +258,11 @@ class VLTPConfig(PreTrainedConfig):
                 f"{prompt_width}."
             )
 
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """LLaVA's language-model config (what `LlavaConfig.get_text_config` returns): the text side of the system,
+        whose `vocab_size` `resize_token_embeddings` updates and whose settings generation reads."""
+        return self.llava_config.get_text_config(decoder=decoder, encoder=encoder)
+
     @classmethod
     def llava15_7b_sam_vit_h(cls, **kwargs) -> "VLTPConfig":
         """The paper's system: LLaVA-1.5-7B and SAM ViT-H, pruned after layers 16 and 24 at rate 0.5."""

@@ -42,8 +42,14 @@ def count_gmacs(model: torch.nn.Module, pixel_values: torch.Tensor, **forward_kw
     attention; element-wise work is not counted, as in the paper). Put the model and inputs on the meta device to
     count a full-size model for free.
     """
+    return count_call_gmacs(model, pixel_values, **forward_kwargs)
+
+
+def count_call_gmacs(function, *args, **kwargs) -> float:
+    """Multiply-accumulates of any call `function(*args, **kwargs)`, in billions, counted as [`count_gmacs`] counts:
+    for parts of a system (a language model's prefill over a KV cache, one decoding step, SAM's mask decoder)."""
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
-        model(pixel_values, **forward_kwargs)
+        function(*args, **kwargs)
     return counter.get_total_flops() / 2 / 1e9
 
 
@@ -61,4 +67,4 @@ def vision_gmacs(config: VLTPVisionConfig, prune_rates=None, image_size: int | N
     return count_gmacs(model, pixel_values, guidance_embeds=guidance, prune_rates=rates)
 
 
-__all__ = ["count_gmacs", "vision_gmacs"]
+__all__ = ["count_call_gmacs", "count_gmacs", "vision_gmacs"]

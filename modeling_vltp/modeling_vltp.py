@@ -27,6 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import LlavaForConditionalGeneration, PreTrainedModel, SamMaskDecoderConfig
 from transformers import initialization as init
+from transformers.image_utils import is_valid_image
 from transformers.models.sam.modeling_sam import (
     SamLayerNorm,
     SamMaskDecoder,
@@ -656,6 +657,14 @@ class VLTPTaskSegmentationOutput(ModelOutput):
         The sample each `[SEG]` belongs to.
     token_scores, keep_indices (`tuple(torch.Tensor)`, one `(S, ...)` tensor per pruning stage):
         As in [`VLTPVisionOutput`], per `[SEG]`.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        LLaVA's language model, as [`LlavaForConditionalGeneration`] returns them: the input embeddings (image
+        features in place of the image tokens) and the output of every decoder layer, each
+        `(batch_size, sequence_length, hidden_size)`. SAM's ViT states are not included (at ViT-H they are
+        64x64x1280 per layer and `[SEG]`): run `model.vision_model(..., output_hidden_states=True)` for them.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        LLaVA's language-model attention weights, one `(batch_size, num_heads, sequence_length, sequence_length)`
+        tensor per decoder layer (needs an attention implementation that returns them, e.g. `"eager"`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -670,6 +679,31 @@ class VLTPTaskSegmentationOutput(ModelOutput):
     seg_sample_indices: torch.LongTensor | None = None
     token_scores: tuple[torch.FloatTensor, ...] | None = None
     keep_indices: tuple[torch.LongTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# What `VLTPForTaskSegmentation.forward` passes on to `LlavaForConditionalGeneration.forward`, besides the inputs it
+# names itself. Left out on purpose: `inputs_embeds` (`[SEG]` is found in `input_ids`), `cache`/`past_key_values`
+# (the teacher-forced pass reads `[SEG]` positions over the whole sequence) and `is_causal` (the prompt would see the
+# answer).
+_LLAVA_FORWARD_KWARGS = frozenset(
+    {
+        "position_ids",
+        "use_cache",
+        "logits_to_keep",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+        "image_sizes",
+        "mm_encoder_outputs",
+        "num_items_in_batch",  # LLaVA's loss then sums over the batch and divides by it
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "seq_idx",
+    }
+)
 
 
 @dataclass
@@ -748,6 +782,14 @@ class _VLTPSamSide:
         )
         return masks[:, 0, 0], iou_scores[:, 0, 0], vision
 
+    def _decode_by_image(self, sam_pixel_values, seg_embeds, image_indices, prune_rates=None, share: bool = True):
+        """`decode_masks` with guidance s on image `image_indices[s]` of `sam_pixel_values`: SAM's dense layers run
+        once per image that has a guidance, or once per guidance with `share=False` (the unshared reference)."""
+        if not share:
+            return self.decode_masks(sam_pixel_values[image_indices], seg_embeds, prune_rates)
+        images, inverse = image_indices.unique(return_inverse=True)
+        return self.decode_masks(sam_pixel_values[images], seg_embeds, prune_rates, inverse)
+
     def _mask_losses(self, pred_masks, vision, targets, reshaped_input_sizes, samples) -> dict:
         """L_X (LISA's mask BCE and Dice over each image's unpadded region) and L_P (Eq. 12), per `[SEG]`."""
         size = targets.shape[-1]
@@ -770,7 +812,7 @@ class _VLTPSamSide:
         return {"mask_bce_loss": bce, "mask_dice_loss": dice, "prune_loss": prune}
 
     def _segmentation_output(
-        self, losses: dict, pred_masks, iou_scores, seg_embeds, samples, vision, logits=None
+        self, losses: dict, pred_masks, iou_scores, seg_embeds, samples, vision, llm=None
     ) -> VLTPTaskSegmentationOutput:
         """The output, with `loss` the config's weighted sum of the loss parts that were computed."""
         weighted = [
@@ -779,13 +821,15 @@ class _VLTPSamSide:
         return VLTPTaskSegmentationOutput(
             loss=sum(weighted) if weighted else None,
             **losses,
-            logits=logits,
+            logits=None if llm is None else llm.logits,
             pred_masks=pred_masks,
             iou_scores=iou_scores,
             seg_embeds=seg_embeds,
             seg_sample_indices=samples,
             token_scores=vision.token_scores,
             keep_indices=vision.keep_indices,
+            hidden_states=None if llm is None else llm.hidden_states,
+            attentions=None if llm is None else llm.attentions,
         )
 
 
@@ -804,6 +848,9 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _no_split_modules = ["SamVisionLayer", "VLTPPruneDecoder", "LlamaDecoderLayer", "CLIPEncoderLayer"]
+    # The mask losses are per-batch means: transformers' Trainer must average the loss over gradient-accumulation
+    # steps itself rather than hand `num_items_in_batch` to the model.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: VLTPConfig):
         super().__init__(config)
@@ -826,11 +873,8 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
     def get_output_embeddings(self) -> nn.Module:
         return self.llava.get_output_embeddings()
 
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, **kwargs) -> nn.Embedding:
-        """Resize LLaVA's input and output embeddings, e.g. after adding `[SEG]` to the tokenizer."""
-        embeddings = self.llava.resize_token_embeddings(new_num_tokens, **kwargs)
-        self.config.llava_config = self.llava.config
-        return embeddings
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.llava.set_output_embeddings(new_embeddings)
 
     def seg_positions(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample index, position of the hidden state that feeds SAM) of every `[SEG]` in `input_ids`."""
@@ -843,9 +887,10 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
             positions = positions - 1
         return samples, positions
 
-    def seg_embeddings(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
-        """LLaVA on a teacher-forced batch and the projected `[SEG]` states: returns LLaVA's output, the embeddings
-        (S, guidance_dim) that guide SAM, and the sample each `[SEG]` belongs to (S,)."""
+    def seg_embeddings(self, input_ids, attention_mask=None, pixel_values=None, labels=None, **llava_kwargs):
+        """LLaVA on a teacher-forced batch and the projected `[SEG]` states: returns LLaVA's output (its hidden states
+        always computed, since `[SEG]`'s state is read from them), the embeddings (S, guidance_dim) that guide SAM,
+        and the sample each `[SEG]` belongs to (S,). `llava_kwargs` go to `LlavaForConditionalGeneration.forward`."""
         llm = self.llava(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -853,6 +898,7 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
             labels=labels,
             output_hidden_states=True,
             return_dict=True,
+            **llava_kwargs,
         )
         samples, positions = self.seg_positions(input_ids)
         seg_embeds = self.text_hidden_fcs(llm.hidden_states[self.config.seg_hidden_layer][samples, positions])
@@ -867,7 +913,10 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
         labels: torch.LongTensor | None = None,
         masks: torch.FloatTensor | None = None,
         reshaped_input_sizes: torch.LongTensor | None = None,
+        original_sizes: torch.LongTensor | None = None,
         prune_rates: list[float] | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> VLTPTaskSegmentationOutput | tuple:
@@ -882,9 +931,27 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
             sample's mask.
         reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
             The unpadded (height, width) of each image in SAM's frame: the mask losses only count those pixels.
+        original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
+            Not used here (`post_process_masks` needs it); accepted so that a processor's whole output can be passed.
         prune_rates (`list[float]`, *optional*):
             Override the vision config's pruning rates for this call.
+        output_hidden_states, output_attentions (`bool`, *optional*):
+            Return LLaVA's language-model hidden states / attention weights (see [`VLTPTaskSegmentationOutput`]).
+        kwargs:
+            Passed on to [`LlavaForConditionalGeneration`]'s forward: `position_ids`, `use_cache`, `logits_to_keep`,
+            `vision_feature_layer`, `vision_feature_select_strategy`, `image_sizes`, `mm_encoder_outputs`,
+            `num_items_in_batch` and the packed-sequence arguments; any other name raises `TypeError`.
         """
+        unknown = sorted(set(kwargs) - _LLAVA_FORWARD_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"VLTPForTaskSegmentation.forward got unexpected keyword arguments {unknown}; besides its own "
+                f"arguments it passes on to LLaVA only {sorted(_LLAVA_FORWARD_KWARGS)}."
+            )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         batch_size = input_ids.shape[0]
         for name, value in (("sam_pixel_values", sam_pixel_values), ("masks", masks)):
@@ -899,10 +966,15 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
                 f"got {tuple(masks.shape)}."
             )
 
-        llm, seg_embeds, samples = self.seg_embeddings(input_ids, attention_mask, pixel_values, labels)
+        llm, seg_embeds, samples = self.seg_embeddings(
+            input_ids, attention_mask, pixel_values, labels, output_attentions=output_attentions, **kwargs
+        )
+        if not output_hidden_states:
+            llm.hidden_states = None
         losses = {"lm_loss": llm.loss}
         if len(samples) > 0:
-            pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values[samples], seg_embeds, prune_rates)
+            # Several [SEG] of one sample share its image: SAM's dense layers run once per image.
+            pred_masks, iou_scores, vision = self._decode_by_image(sam_pixel_values, seg_embeds, samples, prune_rates)
             if masks is not None:
                 losses.update(self._mask_losses(pred_masks, vision, masks[samples], reshaped_input_sizes, samples))
         else:  # no [SEG] in the batch: no mask to predict, and nothing for the mask losses
@@ -912,7 +984,7 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
             vision = VLTPVisionOutput()
             if masks is not None:
                 losses.update(mask_bce_loss=seg_embeds.new_zeros(()), mask_dice_loss=seg_embeds.new_zeros(()))
-        output = self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision, llm.logits)
+        output = self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision, llm)
         return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
@@ -923,37 +995,108 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
         processor,
         prune_rates: list[float] | None = None,
         max_new_tokens: int = 32,
+        share_image_work: bool = True,
+        max_batch_rows: int | None = None,
         **generate_kwargs,
     ) -> list[VLTPSegmentationResult]:
         """Segment what each task asks for in each image.
 
         `images` is one PIL image (then `tasks` is a task or a list of tasks for it) or a list of images (then `tasks`
         is one task for all, or a list with one task or list of tasks per image). Returns one
-        [`VLTPSegmentationResult`] per (image, task), image by image. LLaVA generates with its KV cache; the hidden
-        state that feeds SAM is collected from the generation steps (the first `[SEG]` of each answer). A task whose
-        answer has no `[SEG]` gets an empty mask and says so. Extra keyword arguments go to `generate`.
+        [`VLTPSegmentationResult`] per (image, task), image by image. LLaVA generates with its KV cache, batched over
+        every (image, task); the hidden state that feeds SAM is collected from the generation steps (the first `[SEG]`
+        of each answer). A task whose answer has no `[SEG]` gets an empty mask and says so.
+
+        With `share_image_work` (the default) the work that does not depend on the task is done once per image: CLIP
+        and the projector, LLaVA's prefill of the prompt up to the last image token (each task continues from that KV
+        cache; the prompt template must put the question after the image, else only the SAM side is shared), and
+        SAM's dense layers before the first pruning stage. `False` runs every (image, task) on its own, for
+        debugging; both give the same results up to float rounding. `max_batch_rows` caps the number of
+        (image, task) rows per forward pass, to bound memory: the rows run in chunks of at most that many, in order
+        (an image whose tasks span two chunks is encoded in both). Extra keyword arguments go to `generate`.
         """
+        pairs = self._check_segment_arguments(
+            images, tasks, prune_rates, max_new_tokens, max_batch_rows, generate_kwargs
+        )
+        image_list = _as_list(images)
+        rows_per_pass = max_batch_rows or len(pairs)
+        results = []
+        for start in range(0, len(pairs), rows_per_pass):
+            results += self._segment_rows(
+                image_list,
+                pairs[start : start + rows_per_pass],
+                processor,
+                prune_rates,
+                share_image_work,
+                dict(max_new_tokens=max_new_tokens, **generate_kwargs),
+            )
+        return results
+
+    def _check_segment_arguments(self, images, tasks, prune_rates, max_new_tokens, max_batch_rows, generate_kwargs):
+        """Every check of `segment`'s arguments, before any compute; returns the (image index, task) pairs."""
         pairs = _image_task_pairs(images, tasks)
-        image_list = _as_image_list(images)
-        rows = [image_list[i] for i, _ in pairs]
-        row_tasks = [task for _, task in pairs]
-        inputs = processor(images=rows, tasks=row_tasks, padding_side="left", return_tensors="pt").to(self.device)
+        for index, image in enumerate(_as_list(images)):
+            if not is_valid_image(image):
+                raise ValueError(
+                    f"images[{index}] is a {type(image).__name__}: give PIL images or (H, W, 3) arrays or tensors."
+                )
+        if prune_rates is not None:
+            check_prune_rates(prune_rates, len(self.config.vision_config.prune_layers))
+        for name, value in (("max_new_tokens", max_new_tokens), ("max_batch_rows", max_batch_rows)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if max_new_tokens is None:
+            raise ValueError("max_new_tokens must be a positive integer, got None.")
+        reserved = sorted(set(generate_kwargs) & _SEGMENT_GENERATE_ARGUMENTS)
+        if reserved:
+            raise ValueError(f"segment sets {reserved} itself: they cannot be passed on to generate.")
+        return pairs
+
+    def _segment_rows(self, image_list, pairs, processor, prune_rates, share, generate_kwargs):
+        """`segment` for one chunk of (image index, task) rows."""
+        chunk_images = sorted({image for image, _ in pairs})
+        local = {image: k for k, image in enumerate(chunk_images)}
+        image_of_row = torch.tensor([local[image] for image, _ in pairs], device=self.device)
+        # One preprocessing per image (the processor also checks the images); its prompts are not used.
+        image_inputs = processor(
+            images=[image_list[i] for i in chunk_images],
+            tasks=[next(task for image, task in pairs if image == i) for i in chunk_images],
+            return_tensors="pt",
+        ).to(self.device)
         tokenizer = processor.tokenizer
+        prompts = _tokenize_prompts(processor, [task for _, task in pairs])
+        prefix_length = _shared_prefix_length(prompts, processor.image_token_id) if share else 0
+        input_ids, attention_mask = _pad_prompts(prompts, prefix_length, tokenizer.pad_token_id, self.device)
+        generate_kwargs = {
+            "do_sample": False,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **generate_kwargs,
+        }
+        clip_pixels = image_inputs["pixel_values"].to(self.dtype)
+        if prefix_length:
+            # The prompt up to the last image token is the same text for every row: prefill it once per image, and
+            # let every task continue from its image's KV cache (pads sit between prefix and question, masked).
+            prefix = self.llava(
+                input_ids=input_ids[:1, :prefix_length].expand(len(chunk_images), -1),
+                pixel_values=clip_pixels,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = prefix.cache
+            cache.batch_select_indices(image_of_row)
+            generate_kwargs.update(cache=cache)
+        else:
+            generate_kwargs.update(pixel_values=clip_pixels[image_of_row])
         generated = self.llava.generate(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            pixel_values=inputs["pixel_values"].to(self.dtype),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             use_cache=True,
             output_hidden_states=True,
             return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
             **generate_kwargs,
         )
-        prompt_length = inputs["input_ids"].shape[1]
-        new_tokens = generated.sequences[:, prompt_length:]
+        new_tokens = generated.sequences[:, input_ids.shape[1] :]
         # The state at generation step k is the one that predicted new token k ("before_seg"); the [SEG] token's own
         # state is computed one step later ("seg").
         offset = 0 if self.config.seg_hidden_state == "before_seg" else 1
@@ -966,13 +1109,16 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
                     hidden.append(generated.hidden_states[step][self.config.seg_hidden_layer][row, -1])
         if rows_with_seg:
             seg_embeds = self.text_hidden_fcs(torch.stack(hidden))
-            sam_pixels = inputs["sam_pixel_values"][rows_with_seg].to(self.dtype)
-            mask_logits, iou_scores, vision = self.decode_masks(sam_pixels, seg_embeds, prune_rates)
+            seg_images = image_of_row[rows_with_seg]
+            sam_pixels = image_inputs["sam_pixel_values"].to(self.dtype)
+            mask_logits, iou_scores, vision = self._decode_by_image(
+                sam_pixels, seg_embeds, seg_images, prune_rates, share
+            )
             kept_maps = self._kept_token_maps(vision.keep_indices, len(rows_with_seg))
             masks = processor.post_process_masks(
                 mask_logits.float(),
-                inputs["original_sizes"][rows_with_seg],
-                inputs["reshaped_input_sizes"][rows_with_seg],
+                image_inputs["original_sizes"][seg_images],
+                image_inputs["reshaped_input_sizes"][seg_images],
             )
 
         results = []
@@ -982,7 +1128,7 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
                 k = rows_with_seg.index(row)
                 mask, score, maps = masks[k].bool().cpu(), iou_scores[k].item(), [m[k].cpu() for m in kept_maps]
             else:
-                height, width = inputs["original_sizes"][row].tolist()
+                height, width = image_inputs["original_sizes"][local[image_index]].tolist()
                 mask, score, maps = torch.zeros(height, width, dtype=torch.bool), None, []
             results.append(
                 VLTPSegmentationResult(
@@ -1035,33 +1181,95 @@ class VLTPSamSegmenter(_VLTPSamSide, VLTPPreTrainedModel):
         masks: torch.Tensor | None = None,
         reshaped_input_sizes: torch.Tensor | None = None,
         prune_rates: list[float] | None = None,
+        image_indices: torch.LongTensor | None = None,
     ) -> VLTPTaskSegmentationOutput:
         r"""
         sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
             The images as SAM's image processor prepares them.
-        seg_embeds (`torch.FloatTensor` of shape `(batch_size, guidance_dim)`):
-            One projected `[SEG]` embedding per image (e.g. from a cache of `VLTPForTaskSegmentation.seg_embeddings`).
-        masks, reshaped_input_sizes, prune_rates:
-            As in [`VLTPForTaskSegmentation.forward`]; with `masks`, `loss` is L_X + L_P (Eq. 12) weighted by the
-            config's mask and pruning loss weights.
+        seg_embeds (`torch.FloatTensor` of shape `(num_tasks, guidance_dim)`):
+            Projected `[SEG]` embeddings (e.g. from a cache of `VLTPForTaskSegmentation.seg_embeddings`): one per
+            image, or any number per image with `image_indices`.
+        masks (`torch.FloatTensor` of shape `(num_tasks, image_size, image_size)`, *optional*):
+            One target per `[SEG]` embedding, in SAM's input frame; with them `loss` is L_X + L_P (Eq. 12) weighted
+            by the config's mask and pruning loss weights.
+        reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*), prune_rates:
+            As in [`VLTPForTaskSegmentation.forward`], per image.
+        image_indices (`torch.LongTensor` of shape `(num_tasks,)`, *optional*):
+            The image of each `[SEG]` embedding, for several tasks per image: SAM's dense layers then run once per
+            image. Without it embedding s belongs to image s. `seg_sample_indices` of the output repeats it.
         """
-        pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values, seg_embeds.to(self.dtype), prune_rates)
-        samples = torch.arange(len(seg_embeds), device=seg_embeds.device)
+        seg_embeds = seg_embeds.to(self.dtype)
+        if image_indices is None:
+            pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values, seg_embeds, prune_rates)
+            samples = torch.arange(len(seg_embeds), device=seg_embeds.device)
+        else:
+            pred_masks, iou_scores, vision = self._decode_by_image(
+                sam_pixel_values, seg_embeds, image_indices, prune_rates
+            )
+            samples = image_indices
         losses = {}
         if masks is not None:
             losses = self._mask_losses(pred_masks, vision, masks, reshaped_input_sizes, samples)
         return self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision)
 
 
-def _as_image_list(images) -> list:
-    return list(images) if isinstance(images, (list, tuple)) else [images]
+# What `segment` passes to `generate` itself.
+_SEGMENT_GENERATE_ARGUMENTS = frozenset(
+    {
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "cache",
+        "past_key_values",
+        "use_cache",
+        "output_hidden_states",
+        "return_dict_in_generate",
+    }
+)
+
+
+def _tokenize_prompts(processor, tasks: list[str]) -> list[list[int]]:
+    """The unpadded token ids of each task's chat prompt, `<image>` expanded as the processor expands it."""
+    image_token = processor.tokenizer.convert_ids_to_tokens(processor.image_token_id)
+    texts = [
+        processor.build_prompt(task).replace(image_token, image_token * processor.num_image_tokens) for task in tasks
+    ]
+    return processor.tokenizer(texts)["input_ids"]
+
+
+def _shared_prefix_length(prompts: list[list[int]], image_token_id: int) -> int:
+    """Length of the prompt up to and including the last image token when every row has that same prefix (then it
+    does not depend on the task and can be prefilled once per image), else 0."""
+    first = prompts[0]
+    if image_token_id not in first:
+        return 0
+    length = len(first) - first[::-1].index(image_token_id)
+    return length if all(prompt[:length] == first[:length] for prompt in prompts) else 0
+
+
+def _pad_prompts(prompts: list[list[int]], prefix_length: int, pad_token_id: int, device):
+    """Batch prompts for generation, every row ending with its own last token: the pads of a row go right after the
+    first `prefix_length` tokens (left padding when 0), masked. With the attention-mask-derived positions that
+    `generate` uses, each token gets the same position in both layouts. Returns `input_ids`, `attention_mask`."""
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids, attention_mask = [], []
+    for prompt in prompts:
+        padding = longest - len(prompt)
+        input_ids.append(prompt[:prefix_length] + [pad_token_id] * padding + prompt[prefix_length:])
+        attention_mask.append([1] * prefix_length + [0] * padding + [1] * (len(prompt) - prefix_length))
+    return torch.tensor(input_ids, device=device), torch.tensor(attention_mask, device=device)
+
+
+def _as_list(items) -> list:
+    """A list or tuple as a list; anything else as a one-item list."""
+    return list(items) if isinstance(items, (list, tuple)) else [items]
 
 
 def _image_task_pairs(images, tasks) -> list[tuple[int, str]]:
     """Flatten `segment`'s (images, tasks) into (image index, task) pairs, image by image."""
     if not isinstance(images, (list, tuple)):
-        per_image = [[tasks] if isinstance(tasks, str) else list(tasks)]
-    elif isinstance(tasks, str):
+        per_image = [_as_list(tasks)]
+    elif not isinstance(tasks, (list, tuple)):
         per_image = [[tasks]] * len(images)
     else:
         if len(tasks) != len(images):
@@ -1069,7 +1277,7 @@ def _image_task_pairs(images, tasks) -> list[tuple[int, str]]:
                 f"Got {len(images)} images but {len(tasks)} task entries: give one task (or list of tasks) per "
                 "image, or a single task for all."
             )
-        per_image = [[entry] if isinstance(entry, str) else list(entry) for entry in tasks]
+        per_image = [_as_list(entry) for entry in tasks]
     pairs = [(index, task) for index, entries in enumerate(per_image) for task in entries]
     if not pairs or not all(isinstance(task, str) and task.strip() for _, task in pairs):
         raise ValueError("Every task must be a non-empty string, and at least one task is needed.")

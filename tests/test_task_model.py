@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from modeling_vltp import VLTPConfig, VLTPForTaskSegmentation, VLTPProcessor, VLTPVisionConfig
-from modeling_vltp.testing import tiny_config, tiny_model_and_processor
+from modeling_vltp.testing import tiny_config, tiny_model_and_processor, tiny_processor
 
 TASKS = ["you can use the thing to sit comfortably", "you can use the thing to cut the food on the table"]
 
@@ -239,3 +239,95 @@ def test_sam_positional_encoding_stays_tied_whatever_tie_word_embeddings_says(tm
     expected = model.shared_image_embedding.positional_embedding
     assert torch.equal(loaded.shared_image_embedding.positional_embedding, expected)
     assert torch.equal(loaded.prompt_encoder.shared_embedding.positional_embedding, expected)
+
+
+def test_text_config_is_llavas_and_token_embeddings_resize(tmp_path):
+    """`get_text_config()` is LLaVA's language-model config, so transformers' own `resize_token_embeddings` resizes
+    LLaVA's input and output embeddings and records the size where generation and saving read it."""
+    model, processor = tiny_model_and_processor()
+    text_config = model.config.llava_config.text_config
+    assert model.config.get_text_config() is text_config
+    assert model.config.get_text_config(decoder=True) is text_config
+    size = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(size + 7)
+    assert model.get_input_embeddings().num_embeddings == size + 7
+    assert model.get_output_embeddings().out_features == size + 7
+    assert model.config.get_text_config().vocab_size == size + 7
+    assert model(**training_batch(processor)).logits.shape[-1] == size + 7
+    model.save_pretrained(tmp_path)
+    assert VLTPForTaskSegmentation.from_pretrained(tmp_path).get_output_embeddings().out_features == size + 7
+
+
+def test_tied_word_embeddings_stay_tied_after_resizing():
+    processor = tiny_processor()
+    config = tiny_config(processor)
+    config.llava_config.tie_word_embeddings = True
+    model = VLTPForTaskSegmentation(config)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    model.resize_token_embeddings(model.get_input_embeddings().num_embeddings + 3)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    positional = model.prompt_encoder.shared_embedding.positional_embedding
+    assert positional is model.shared_image_embedding.positional_embedding
+
+
+def test_hidden_states_and_attentions_are_llavas():
+    model, processor = tiny_model_and_processor()
+    model.set_attn_implementation("eager")  # SDPA computes no attention weights
+    batch = training_batch(processor)
+    plain = model(**batch)
+    assert plain.hidden_states is None and plain.attentions is None
+    output = model(**batch, output_hidden_states=True, output_attentions=True)
+    text_config = model.config.get_text_config()
+    batch_size, length = batch["input_ids"].shape
+    assert len(output.hidden_states) == text_config.num_hidden_layers + 1
+    assert all(h.shape == (batch_size, length, text_config.hidden_size) for h in output.hidden_states)
+    assert len(output.attentions) == text_config.num_hidden_layers
+    assert output.attentions[0].shape == (batch_size, text_config.num_attention_heads, length, length)
+    # they are the states SAM's guidance is read from
+    samples, positions = model.seg_positions(batch["input_ids"])
+    expected = model.text_hidden_fcs(output.hidden_states[-1][samples, positions])
+    assert torch.equal(output.seg_embeds, expected)
+
+
+def test_forward_passes_llava_keywords_on_and_rejects_the_rest():
+    model, processor = tiny_model_and_processor()
+    batch = training_batch(processor)
+    with torch.no_grad():
+        plain = model(**batch)
+        # LLaVA's positions: shifted positions change the logits, so they reach LLaVA
+        positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+        assert torch.equal(model(**batch, position_ids=positions).logits, plain.logits)
+        assert not torch.allclose(model(**batch, position_ids=positions + 5).logits, plain.logits)
+        # the Trainer's token count: LLaVA's loss becomes a sum over answer tokens divided by it
+        num_tokens = (batch["labels"][:, 1:] != -100).sum()
+        summed = model(**batch, num_items_in_batch=torch.tensor(1)).lm_loss
+        assert summed.item() == pytest.approx(plain.lm_loss.item() * num_tokens.item(), rel=1e-5)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['cache_position', 'pixel_value'\]"):
+        model(**batch, pixel_value=batch["pixel_values"], cache_position=torch.arange(3))
+    assert VLTPForTaskSegmentation.accepts_loss_kwargs is False  # the Trainer averages over accumulation steps
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"prune_rates": [2.0]}, r"prune_rates must each be in \[0, 1\)"),
+        ({"prune_rates": [0.5, 0.5]}, "one rate per pruning stage"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
+        ({"max_new_tokens": None}, "max_new_tokens must be a positive integer, got None"),
+        ({"max_batch_rows": 2.5}, "max_batch_rows must be a positive integer, got 2.5"),
+        ({"output_hidden_states": False}, r"segment sets \['output_hidden_states'\] itself"),
+        ({"images": ["not an image"]}, r"images\[0\] is a str"),
+        ({"tasks": [3]}, "non-empty string"),
+    ],
+)
+def test_segment_checks_every_argument_before_any_compute(arguments, message):
+    """The model answers without [SEG] here (it is banned), and still a bad rate is refused: nothing runs first."""
+    model, processor = tiny_model_and_processor()
+    calls = []
+    model.llava.register_forward_pre_hook(lambda module, args: calls.append(module))
+    ban = LogitsProcessorList([BanTokenInRow(processor.seg_token_id, row=0)])
+    call = {"images": images_and_masks()[0][:1], "tasks": [TASKS[0]], "logits_processor": ban, **arguments}
+    images, tasks = call.pop("images"), call.pop("tasks")
+    with pytest.raises(ValueError, match=message):
+        model.segment(images, tasks, processor, **call)
+    assert calls == []
