@@ -1171,16 +1171,53 @@ def train(config: TrainConfig, callbacks=None) -> TrainSummary:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class _RandomTokenScores(torch.nn.Module):
+    """In place of the prune decoder: uniformly random token scores, so that each stage keeps a random set."""
+
+    def __init__(self, generator: torch.Generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, image_tokens: torch.Tensor, guidance_embeds: torch.Tensor) -> torch.Tensor:
+        batch_size, grid = image_tokens.shape[0], image_tokens.shape[1]
+        scores = torch.rand(batch_size, grid * grid, generator=self.generator)
+        return scores.to(image_tokens.device, image_tokens.dtype)
+
+
+@contextlib.contextmanager
+def random_token_selection(model: VLTPForTaskSegmentation | VLTPSamSegmenter, seed: int = 0):
+    """Within the block, every pruning stage of `model`'s ViT keeps a uniformly random set of tokens (as many as the
+    rate says) instead of the prune decoder's choice: the paper's "Random" baseline (Table 7). The random draws are
+    seeded by `seed`; the prune decoder is put back on exit."""
+    vision = model.vision_model
+    prune_decoder = vision.prune_decoder
+    vision.prune_decoder = _RandomTokenScores(torch.Generator().manual_seed(seed))
+    try:
+        yield
+    finally:
+        vision.prune_decoder = prune_decoder
+
+
 def evaluate_rates(
-    model: VLTPForTaskSegmentation, processor: VLTPProcessor, dataset: Dataset, rates_list, batch_size: int = 8
+    model: VLTPForTaskSegmentation,
+    processor: VLTPProcessor,
+    dataset: Dataset,
+    rates_list,
+    batch_size: int = 8,
+    selection: str = "vltp",
+    seed: int = 0,
 ) -> list[dict]:
     """Teacher-forced evaluation of `model` on `dataset` at each entry of `rates_list` (one rate per pruning stage):
     LLaVA runs once per batch, SAM once per rate. Returns per entry `prune_rates`, `gIoU`, `cIoU`, `mIoU_tasks` and
-    `gmacs` (the ViT's, see [`vision_gmacs`])."""
+    `gmacs` (the ViT's, see [`vision_gmacs`]). `selection="random"` keeps random tokens instead of the prune
+    decoder's (see [`random_token_selection`], seeded by `seed`), for the paper's random-pruning baseline."""
+    if selection not in ("vltp", "random"):
+        raise ValueError(f'selection must be "vltp" or "random", got {selection!r}.')
     model.eval()
     collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
     overlaps, task_ids = defaultdict(list), []
-    with torch.no_grad():
+    selecting = random_token_selection(model, seed) if selection == "random" else contextlib.nullcontext()
+    with torch.no_grad(), selecting:
         for batch, seg, samples in seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating"):
             pixels = batch["sam_pixel_values"].to(model.device, model.dtype)[samples.to(model.device)]
             for index, rates in enumerate(rates_list):
@@ -1216,6 +1253,7 @@ __all__ = [
     "merge_stage1",
     "outside_deepspeed",
     "prepare_stage1_model",
+    "random_token_selection",
     "read_vltp_config",
     "record_differences",
     "run_record",
