@@ -13,17 +13,15 @@ import argparse
 import sys
 
 from modeling_vltp.conversion import SAM_VARIANTS, convert_lisa
-from modeling_vltp.conversion.cli import DTYPES, add_pruning_plan_arguments, run_conversion
+from modeling_vltp.conversion.cli import add_output_arguments, output_options, run_conversion
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="LISA folder or Hub id")
-    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
     parser.add_argument("--vision-tower", help="CLIP folder or Hub id when the checkpoint has no vision tower weights")
     parser.add_argument("--sam-variant", choices=SAM_VARIANTS, default="vit_h", help="LISA's SAM (default vit_h)")
-    add_pruning_plan_arguments(parser)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     return run_conversion(
         convert_lisa,
@@ -32,9 +30,7 @@ def main(argv=None) -> int:
         description=args.input,
         vision_tower=args.vision_tower,
         sam_variant=args.sam_variant,
-        prune_layers=args.prune_layers,
-        prune_rates=args.prune_rates,
-        dtype=DTYPES[args.dtype],
+        **output_options(args),
     )
 
 

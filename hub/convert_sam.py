@@ -13,16 +13,15 @@ import argparse
 import sys
 
 from modeling_vltp.conversion import SAM_VARIANTS, convert_sam
-from modeling_vltp.conversion.cli import add_pruning_plan_arguments, run_conversion
+from modeling_vltp.conversion.cli import add_output_arguments, output_options, run_conversion
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=["hf", "original"], required=True, help="the input's layout")
     parser.add_argument("--input", required=True, help="hf: a folder or Hub id; original: Meta's .pth file")
-    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
     parser.add_argument("--variant", choices=SAM_VARIANTS, help="required for --source original; checked for hf")
-    add_pruning_plan_arguments(parser)
+    add_output_arguments(parser, dtype=False)
     args = parser.parse_args(argv)
     if args.source == "original" and args.variant is None:
         parser.error("--source original needs --variant (Meta's checkpoints carry no config)")
@@ -33,8 +32,7 @@ def main(argv=None) -> int:
         description=args.input,
         source=args.source,
         variant=args.variant,
-        prune_layers=args.prune_layers,
-        prune_rates=args.prune_rates,
+        **output_options(args),
     )
 
 

@@ -12,16 +12,14 @@ import argparse
 import sys
 
 from modeling_vltp.conversion import convert_vltp
-from modeling_vltp.conversion.cli import DTYPES, add_pruning_plan_arguments, run_conversion
+from modeling_vltp.conversion.cli import add_output_arguments, output_options, run_conversion
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llava", required=True, help="folder or Hub id in llava-hf/llava-1.5-7b-hf's layout")
     parser.add_argument("--sam", required=True, help="folder or Hub id of transformers' SAM, or convert_sam's output")
-    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
-    add_pruning_plan_arguments(parser)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     return run_conversion(
         convert_vltp,
@@ -29,9 +27,7 @@ def main(argv=None) -> int:
         args.sam,
         args.output_dir,
         description=f"{args.llava} and {args.sam}",
-        prune_layers=args.prune_layers,
-        prune_rates=args.prune_rates,
-        dtype=DTYPES[args.dtype],
+        **output_options(args),
     )
 
 

@@ -16,7 +16,7 @@ from conftest import ALICE_TOKEN, BOB_TOKEN, free_port, use_hub_endpoint
 from huggingface_hub import HfApi, ModelCard, constants
 from packaging import version
 from test_conversion import FLOAT32_TOLERANCE, assert_close
-from test_vision_model import tiny_config, tiny_model
+from test_vision_model import tiny_model, tiny_vision_config
 from transformers import AutoModel
 
 from modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel, VLTPVisionConfig, count_gmacs, vision_gmacs
@@ -64,7 +64,7 @@ def test_model_card_states_weights_pruning_compute_metrics_usage_and_paper():
     assert metadata.base_model == "facebook/sam-vit-huge"
     assert metadata.library_name == "transformers" and metadata.license == "apache-2.0"
     assert "facebook/sam-vit-huge" in card.split("## Weights")[1]
-    # tiny_config: 10x10 tokens, stages after layers 2 and 4 at rates 0.5 and 0.7.
+    # tiny_vision_config: 10x10 tokens, stages after layers 2 and 4 at rates 0.5 and 0.7.
     assert "| 1 | 2 of 6 | 0.5 | 50 of 100 |" in card and "| 2 | 4 of 6 | 0.7 | 30 of 100 |" in card
     assert "Measured on RIO test (common split)." in card and "| gIoU | 0.6123 |" in card
     assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in card
@@ -72,7 +72,7 @@ def test_model_card_states_weights_pruning_compute_metrics_usage_and_paper():
 
     # The GMACs are those of the same encoder at 1024x1024, counted independently here.
     with torch.device("meta"):
-        full_size = VLTPSamVisionModel(tiny_config(image_size=1024))
+        full_size = VLTPSamVisionModel(tiny_vision_config(image_size=1024))
         pixel_values, guidance = torch.empty(1, 3, 1024, 1024), torch.empty(1, 24)
     dense, pruned = (
         count_gmacs(full_size, pixel_values),

@@ -17,7 +17,7 @@ from modeling_vltp import (
 GUIDANCE_DIM = 24
 
 
-def tiny_config(**overrides) -> VLTPVisionConfig:
+def tiny_vision_config(**overrides) -> VLTPVisionConfig:
     """A 10x10-token ViT with 4x4 windows (so the window grid is padded to 12x12, as SAM pads 64 to 70)."""
     fields = dict(
         hidden_size=32,
@@ -52,7 +52,7 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_model(seed: int = 0, **overrides) -> VLTPSamVisionModel:
-    return randomized(VLTPSamVisionModel(tiny_config(**overrides)), seed)
+    return randomized(VLTPSamVisionModel(tiny_vision_config(**overrides)), seed)
 
 
 def sam_with_same_weights(model: VLTPSamVisionModel, attn_implementation: str = "sdpa") -> SamVisionModel:
@@ -303,9 +303,9 @@ def test_image_indices_without_pruning_give_one_row_per_guidance():
 def test_decode_masks_passes_image_indices_on():
     """SAM's side decodes one mask per guidance from the shared prefix; tolerance as in the test above."""
     from modeling_vltp import VLTPSamSegmenter
-    from modeling_vltp.testing import tiny_config as tiny_system_config
+    from modeling_vltp.testing import tiny_config
 
-    segmenter = randomized(VLTPSamSegmenter(tiny_system_config()))
+    segmenter = randomized(VLTPSamSegmenter(tiny_config()))
     pixel_values = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     guidance_dim = segmenter.config.vision_config.guidance_dim
     seg_embeds = torch.randn(3, guidance_dim, generator=torch.Generator().manual_seed(3))
@@ -387,7 +387,7 @@ def test_segmentation_loss_reaches_the_prune_decoder_through_the_straight_throug
 
 def test_pruning_loss_trains_the_prune_decoder_towards_the_target():
     torch.manual_seed(0)
-    model = VLTPSamVisionModel(tiny_config(prune_layers=[2], prune_rates=[0.5]))
+    model = VLTPSamVisionModel(tiny_vision_config(prune_layers=[2], prune_rates=[0.5]))
     randomized(model.vision_encoder)  # distinguishable tokens, as a pretrained ViT gives; the decoder keeps its init
     model.train()
     for p in model.vision_encoder.parameters():
@@ -459,7 +459,7 @@ def test_bad_inputs_raise_clear_errors(pixel_shape, guidance_shape, rates, messa
 )
 def test_config_validation_names_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
-        tiny_config(**fields)
+        tiny_vision_config(**fields)
 
 
 def test_config_presets_follow_the_paper():
