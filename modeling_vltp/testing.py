@@ -19,6 +19,7 @@ from .processing_vltp import (
     VLTPProcessor,
     add_vltp_special_tokens,
 )
+from .testing_hub import HubServer, User, run_without_package  # noqa: F401 (re-exported)
 
 
 TINY_VOCAB_SIZE = 500

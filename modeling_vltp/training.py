@@ -1199,6 +1199,33 @@ def train(config: TrainConfig, callbacks=None) -> TrainSummary:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class _RandomTokenScores(torch.nn.Module):
+    """In place of the prune decoder: uniformly random token scores, so that each stage keeps a random set."""
+
+    def __init__(self, generator: torch.Generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, image_tokens: torch.Tensor, guidance_embeds: torch.Tensor) -> torch.Tensor:
+        batch_size, grid = image_tokens.shape[0], image_tokens.shape[1]
+        scores = torch.rand(batch_size, grid * grid, generator=self.generator)
+        return scores.to(image_tokens.device, image_tokens.dtype)
+
+
+@contextlib.contextmanager
+def random_token_selection(model: VLTPForTaskSegmentation | VLTPSamSegmenter, seed: int = 0):
+    """Within the block, every pruning stage of `model`'s ViT keeps a uniformly random set of tokens (as many as the
+    rate says) instead of the prune decoder's choice: the paper's "Random" baseline (Table 7). The random draws are
+    seeded by `seed`; the prune decoder is put back on exit."""
+    vision = model.vision_model
+    prune_decoder = vision.prune_decoder
+    vision.prune_decoder = _RandomTokenScores(torch.Generator().manual_seed(seed))
+    try:
+        yield
+    finally:
+        vision.prune_decoder = prune_decoder
+
+
 # How `evaluate_rates` gets each sample's answer: LISA's validation answer forced (its protocol), or the model's own.
 ANSWER_MODES = ("teacher-forced", "generated")
 
@@ -1210,6 +1237,8 @@ def evaluate_rates(
     rates_list,
     batch_size: int = 8,
     answers: str = "teacher-forced",
+    selection: str = "vltp",
+    seed: int = 0,
 ) -> list[dict]:
     """Evaluation of `model` on `dataset` at each entry of `rates_list` (one rate per pruning stage). Returns per entry
     `prune_rates`, `gIoU`, `cIoU`, `mIoU_tasks`, `gmacs` (the ViT's, see [`vision_gmacs`]) and `answers`.
@@ -1218,30 +1247,35 @@ def evaluate_rates(
     batch, SAM once per rate, and every sample gets a mask. `answers="generated"` lets the model answer
     ([`VLTPForTaskSegmentation.segment`], once per batch and rate): an answer without `[SEG]` predicts an empty mask,
     which an empty target credits. Then `nothing_on_empty` is also given: the share of empty targets answered
-    without `[SEG]` (`None` when no target is empty)."""
+    without `[SEG]` (`None` when no target is empty). `selection="random"` keeps random tokens instead of the prune
+    decoder's (see [`random_token_selection`], seeded by `seed`), for the paper's random-pruning baseline."""
     if answers not in ANSWER_MODES:
         raise ValueError(f"answers must be one of {ANSWER_MODES}, got {answers!r}")
+    if selection not in ("vltp", "random"):
+        raise ValueError(f'selection must be "vltp" or "random", got {selection!r}.')
     model.eval()
     overlaps, task_ids, nothing_on_empty = defaultdict(list), [], defaultdict(list)
-    if answers == "teacher-forced":
-        collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
-        for batch, seg, samples in seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating"):
-            pixels = batch["sam_pixel_values"].to(model.device, model.dtype)[samples.to(model.device)]
-            for index, rates in enumerate(rates_list):
-                with torch.no_grad():
-                    pred_masks, _, _ = model.decode_masks(pixels, seg, rates)
-                overlaps[index].append(mask_overlaps(processor, pred_masks, samples, batch))
-            task_ids.append(batch["task_ids"])
-    else:
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
-            targets = [np.asarray(mask, dtype=bool) for mask in rows["mask"]]
-            images = [image.convert("RGB") for image in rows["image"]]
-            for index, rates in enumerate(rates_list):
-                results = model.segment(images, list(rows["task"]), processor, prune_rates=rates)
-                overlaps[index].append(_overlaps([result.mask.numpy() for result in results], targets))
-                nothing_on_empty[index] += [not r.seg_found for r, t in zip(results, targets) if not t.any()]
-            task_ids.append(torch.tensor(rows.get("task_id", [-1] * len(targets))))
+    selecting = random_token_selection(model, seed) if selection == "random" else contextlib.nullcontext()
+    with selecting:
+        if answers == "teacher-forced":
+            collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
+            for batch, seg, samples in seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating"):
+                pixels = batch["sam_pixel_values"].to(model.device, model.dtype)[samples.to(model.device)]
+                for index, rates in enumerate(rates_list):
+                    with torch.no_grad():
+                        pred_masks, _, _ = model.decode_masks(pixels, seg, rates)
+                    overlaps[index].append(mask_overlaps(processor, pred_masks, samples, batch))
+                task_ids.append(batch["task_ids"])
+        else:
+            for start in range(0, len(dataset), batch_size):
+                rows = dataset[start : start + batch_size]
+                targets = [np.asarray(mask, dtype=bool) for mask in rows["mask"]]
+                images = [image.convert("RGB") for image in rows["image"]]
+                for index, rates in enumerate(rates_list):
+                    results = model.segment(images, list(rows["task"]), processor, prune_rates=rates)
+                    overlaps[index].append(_overlaps([result.mask.numpy() for result in results], targets))
+                    nothing_on_empty[index] += [not r.seg_found for r, t in zip(results, targets) if not t.any()]
+                task_ids.append(torch.tensor(rows.get("task_id", [-1] * len(targets))))
     task_ids = torch.cat(task_ids).numpy()
     results = []
     for index, rates in enumerate(rates_list):
@@ -1275,6 +1309,7 @@ __all__ = [
     "merge_stage1",
     "outside_deepspeed",
     "prepare_stage1_model",
+    "random_token_selection",
     "read_vltp_config",
     "record_differences",
     "run_record",
