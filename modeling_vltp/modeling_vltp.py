@@ -82,6 +82,80 @@ class VLTPVisionOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class VLTPTaskSegmentationOutput(ModelOutput):
+    r"""
+    Output of [`VLTPForTaskSegmentation`]. S is the number of `[SEG]` tokens in the batch (any number per sample).
+
+    loss (`torch.FloatTensor`, *optional*, returned when `labels` or `masks` are given):
+        `lm_loss_weight * lm_loss + mask_bce_loss_weight * mask_bce_loss + mask_dice_loss_weight * mask_dice_loss
+        + prune_loss_weight * prune_loss + iou_loss_weight * iou_loss`.
+    lm_loss, mask_bce_loss, mask_dice_loss, prune_loss, iou_loss (`torch.FloatTensor`, *optional*):
+        The unweighted parts: LLaVA's next-token cross-entropy (with `labels`), the mask losses L_X, the pruning
+        loss L_P of Eq. 12 (with `masks`; L_P only when pruning ran) and SAM's IoU loss (with `masks`: the squared
+        error of `iou_scores` against the actual IoU of each thresholded mask, see [`iou_prediction_loss`]).
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        LLaVA's next-token logits.
+    pred_masks (`torch.FloatTensor` of shape `(S, mask_size, mask_size)`):
+        Low-resolution mask logits (256x256 at 1024x1024 inputs), one per `[SEG]`.
+    iou_scores (`torch.FloatTensor` of shape `(S,)`):
+        SAM's predicted IoU of each mask (its IoU head; meaningful once trained with `iou_loss`).
+    seg_embeds (`torch.FloatTensor` of shape `(S, guidance_dim)`):
+        The projected `[SEG]` hidden states: the prune decoder's guidance and the mask decoder's prompt.
+    seg_sample_indices (`torch.LongTensor` of shape `(S,)`):
+        The sample each `[SEG]` belongs to.
+    token_scores, keep_indices (`tuple(torch.Tensor)`, one `(S, ...)` tensor per pruning stage):
+        As in [`VLTPVisionOutput`], per `[SEG]`.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        LLaVA's language model, as [`LlavaForConditionalGeneration`] returns them: the input embeddings (image
+        features in place of the image tokens) and the output of every decoder layer, each
+        `(batch_size, sequence_length, hidden_size)`. SAM's ViT states are not included (at ViT-H they are
+        64x64x1280 per layer and `[SEG]`): run `model.vision_model(..., output_hidden_states=True)` for them.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        LLaVA's language-model attention weights, one `(batch_size, num_heads, sequence_length, sequence_length)`
+        tensor per decoder layer (needs an attention implementation that returns them, e.g. `"eager"`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    mask_bce_loss: torch.FloatTensor | None = None
+    mask_dice_loss: torch.FloatTensor | None = None
+    prune_loss: torch.FloatTensor | None = None
+    iou_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pred_masks: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    seg_embeds: torch.FloatTensor | None = None
+    seg_sample_indices: torch.LongTensor | None = None
+    token_scores: tuple[torch.FloatTensor, ...] | None = None
+    keep_indices: tuple[torch.LongTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class VLTPSegmentationResult:
+    """What [`VLTPForTaskSegmentation.segment`] returns for one (image, task).
+
+    mask: boolean (H, W) mask at the image's own size; empty when the answer has no `[SEG]` (the model says nothing
+        fits) or when `score` is below `segment`'s `min_score`.
+    score: SAM's predicted IoU of the mask decoded from `[SEG]` (`None` without `[SEG]`). It comes from SAM's IoU
+        head, which tracks the real IoU only for a model trained with the IoU loss (`VLTPConfig.iou_loss_weight`).
+    text: the generated answer. seg_found: whether the answer contained `[SEG]`.
+    message: why the mask is empty (the model's answer without `[SEG]`, or the score below `min_score`), else `None`.
+    kept_token_maps: one boolean (grid, grid) map per pruning stage, True where the ViT kept the token.
+    """
+
+    image_index: int
+    task: str
+    mask: torch.Tensor
+    score: float | None
+    text: str
+    seg_found: bool
+    kept_token_maps: list[torch.Tensor]
+    message: str | None = None
+
+
 class VLTPPruneDecoder(nn.Module):
     """The prune decoder F_prune (paper Fig. 3b, Eqs. 7-10).
 
@@ -158,6 +232,20 @@ class _PositionalEmbeddingSize:
         return self.hidden_size // 2
 
 
+def select_tokens(token_scores: torch.Tensor, num_keep: int, temperature: float = 1.0):
+    """Eq. 11: the sorted indices (B, K) of the `num_keep` highest-scoring tokens, and the smoothed pruning mask
+    `sigmoid((P_s - t) / temperature)` (B, N), t being the `num_keep`-th highest score, used during training."""
+    top = token_scores.topk(num_keep, dim=-1, sorted=False)
+    threshold = top.values.detach().min(dim=-1, keepdim=True).values
+    return top.indices.sort(dim=-1).values, torch.sigmoid((token_scores - threshold) / temperature)
+
+
+def _straight_through_gate(keep_probs: torch.Tensor) -> torch.Tensor:
+    """(B, N) gate whose value is exactly 1 and whose gradient is that of the smoothed mask. Applied to a stage's
+    output it reaches only the kept tokens, since a pruned token's output equals its input."""
+    return (keep_probs - keep_probs.detach()) + 1.0
+
+
 @dataclass
 class _KeptTokens:
     """Index bookkeeping of one pruning stage, computed once and shared by all layers of the stage."""
@@ -177,47 +265,6 @@ class _KeptTokens:
             if (value := getattr(self, field.name)) is not None
         }
         return replace(self, **moved)
-
-
-# Checkpoint files of at most this size: a 7B VLTP model (31 GB in float32) becomes 7 shards. transformers 5 defaults
-# to 50GB, which would write it as a single file.
-MAX_SHARD_SIZE = "5GB"
-
-
-class VLTPPreTrainedModel(PreTrainedModel):
-    config: VLTPVisionConfig
-    config_class = VLTPVisionConfig
-    base_model_prefix = "vltp"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _no_split_modules = ["VLTPSamVisionLayer", "VLTPPruneDecoder"]
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-
-    def save_pretrained(
-        self, save_directory, *args, max_shard_size: int | str = MAX_SHARD_SIZE, remote_code: bool = True, **kwargs
-    ):
-        """`PreTrainedModel.save_pretrained` (safetensors), sharded at `MAX_SHARD_SIZE` unless told otherwise. The
-        package registers its classes for the Auto classes, so the folder (or the pushed repository) gets an
-        `auto_map` and the model files and loads with `trust_remote_code=True` without this package; with
-        `remote_code=False` it gets neither."""
-        if remote_code:
-            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
-        with without_remote_code(self, self.config):
-            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
-
-    def _init_weights(self, module: nn.Module):
-        super()._init_weights(module)
-        if isinstance(module, SamPositionalEmbedding):
-            init.normal_(module.positional_embedding, std=module.scale)
-        elif isinstance(module, VLTPPruneDecoder):
-            # Children are initialised first; the prune decoder then gets a usable std, since SAM's vision config
-            # has an `initializer_range` of 1e-10 which would start it without any signal.
-            std = self.config.prune_decoder_initializer_range
-            for layer in module.modules():
-                if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                    init.normal_(layer.weight, std=std)
-            init.normal_(module.query_token, std=1.0)
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -353,6 +400,47 @@ class VLTPSamVisionLayer(SamVisionLayer):
         return full.scatter(1, index, packed).view_as(hidden_states)
 
 
+# Checkpoint files of at most this size: a 7B VLTP model (31 GB in float32) becomes 7 shards. transformers 5 defaults
+# to 50GB, which would write it as a single file.
+MAX_SHARD_SIZE = "5GB"
+
+
+class VLTPPreTrainedModel(PreTrainedModel):
+    config: VLTPVisionConfig
+    config_class = VLTPVisionConfig
+    base_model_prefix = "vltp"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["VLTPSamVisionLayer", "VLTPPruneDecoder"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def save_pretrained(
+        self, save_directory, *args, max_shard_size: int | str = MAX_SHARD_SIZE, remote_code: bool = True, **kwargs
+    ):
+        """`PreTrainedModel.save_pretrained` (safetensors), sharded at `MAX_SHARD_SIZE` unless told otherwise. The
+        package registers its classes for the Auto classes, so the folder (or the pushed repository) gets an
+        `auto_map` and the model files and loads with `trust_remote_code=True` without this package; with
+        `remote_code=False` it gets neither."""
+        if remote_code:
+            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        with without_remote_code(self, self.config):
+            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, SamPositionalEmbedding):
+            init.normal_(module.positional_embedding, std=module.scale)
+        elif isinstance(module, VLTPPruneDecoder):
+            # Children are initialised first; the prune decoder then gets a usable std, since SAM's vision config
+            # has an `initializer_range` of 1e-10 which would start it without any signal.
+            std = self.config.prune_decoder_initializer_range
+            for layer in module.modules():
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    init.normal_(layer.weight, std=std)
+            init.normal_(module.query_token, std=1.0)
+
+
 class VLTPSamVisionEncoder(SamVisionEncoder):
     """`SamVisionEncoder`'s modules and parameter names, with [`VLTPSamVisionLayer`]s as layers."""
 
@@ -368,6 +456,12 @@ class VLTPSamVisionEncoder(SamVisionEncoder):
         where accelerate's offload hooks load it."""
         hidden_states = self.patch_embed(pixel_values)
         return hidden_states if self.pos_embed is None else hidden_states + self.pos_embed
+
+
+def _can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether input checks may read `tensor`'s values: not on the meta device (there are none), and not while
+    `torch.compile` traces (a graph cannot branch on them)."""
+    return tensor.device.type != "meta" and not torch.compiler.is_compiling()
 
 
 class VLTPSamVisionModel(VLTPPreTrainedModel):
@@ -566,26 +660,6 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         return kept
 
 
-def _can_read_values(tensor: torch.Tensor) -> bool:
-    """Whether input checks may read `tensor`'s values: not on the meta device (there are none), and not while
-    `torch.compile` traces (a graph cannot branch on them)."""
-    return tensor.device.type != "meta" and not torch.compiler.is_compiling()
-
-
-def _straight_through_gate(keep_probs: torch.Tensor) -> torch.Tensor:
-    """(B, N) gate whose value is exactly 1 and whose gradient is that of the smoothed mask. Applied to a stage's
-    output it reaches only the kept tokens, since a pruned token's output equals its input."""
-    return (keep_probs - keep_probs.detach()) + 1.0
-
-
-def select_tokens(token_scores: torch.Tensor, num_keep: int, temperature: float = 1.0):
-    """Eq. 11: the sorted indices (B, K) of the `num_keep` highest-scoring tokens, and the smoothed pruning mask
-    `sigmoid((P_s - t) / temperature)` (B, N), t being the `num_keep`-th highest score, used during training."""
-    top = token_scores.topk(num_keep, dim=-1, sorted=False)
-    threshold = top.values.detach().min(dim=-1, keepdim=True).values
-    return top.indices.sort(dim=-1).values, torch.sigmoid((token_scores - threshold) / temperature)
-
-
 def pruning_targets(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
     """P_gt of Eqs. 13-14: 1 for every patch that holds at least one positive pixel of the ground-truth mask.
 
@@ -608,6 +682,16 @@ def dice_loss(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> t
     return (1 - (2 * intersection + eps) / (probs.sum(-1) + targets.sum(-1) + eps)).mean()
 
 
+def vltp_pruning_loss(keep_probs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
+    """L_P of Eq. 12: binary cross-entropy + Dice of each stage's smoothed pruning mask against P_gt, summed over
+    stages. `keep_probs` as returned by [`VLTPSamVisionModel`], `targets` from [`pruning_targets`]."""
+    loss = targets.new_zeros(())
+    for probs in keep_probs:
+        probs = probs.float().clamp(1e-6, 1 - 1e-6)
+        loss = loss + F.binary_cross_entropy(probs, targets.float()) + dice_loss(probs, targets)
+    return loss
+
+
 def iou_prediction_loss(
     iou_scores: torch.Tensor, mask_logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
@@ -621,16 +705,6 @@ def iou_prediction_loss(
         union = (predicted | target).flatten(1).sum(-1).float()
         actual = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
     return F.mse_loss(iou_scores.float(), actual)
-
-
-def vltp_pruning_loss(keep_probs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
-    """L_P of Eq. 12: binary cross-entropy + Dice of each stage's smoothed pruning mask against P_gt, summed over
-    stages. `keep_probs` as returned by [`VLTPSamVisionModel`], `targets` from [`pruning_targets`]."""
-    loss = targets.new_zeros(())
-    for probs in keep_probs:
-        probs = probs.float().clamp(1e-6, 1 - 1e-6)
-        loss = loss + F.binary_cross_entropy(probs, targets.float()) + dice_loss(probs, targets)
-    return loss
 
 
 class VLTPLinearProjector(nn.Module):
@@ -648,57 +722,6 @@ class VLTPLinearProjector(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear_1(image_features)
-
-
-@dataclass
-class VLTPTaskSegmentationOutput(ModelOutput):
-    r"""
-    Output of [`VLTPForTaskSegmentation`]. S is the number of `[SEG]` tokens in the batch (any number per sample).
-
-    loss (`torch.FloatTensor`, *optional*, returned when `labels` or `masks` are given):
-        `lm_loss_weight * lm_loss + mask_bce_loss_weight * mask_bce_loss + mask_dice_loss_weight * mask_dice_loss
-        + prune_loss_weight * prune_loss + iou_loss_weight * iou_loss`.
-    lm_loss, mask_bce_loss, mask_dice_loss, prune_loss, iou_loss (`torch.FloatTensor`, *optional*):
-        The unweighted parts: LLaVA's next-token cross-entropy (with `labels`), the mask losses L_X, the pruning
-        loss L_P of Eq. 12 (with `masks`; L_P only when pruning ran) and SAM's IoU loss (with `masks`: the squared
-        error of `iou_scores` against the actual IoU of each thresholded mask, see [`iou_prediction_loss`]).
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-        LLaVA's next-token logits.
-    pred_masks (`torch.FloatTensor` of shape `(S, mask_size, mask_size)`):
-        Low-resolution mask logits (256x256 at 1024x1024 inputs), one per `[SEG]`.
-    iou_scores (`torch.FloatTensor` of shape `(S,)`):
-        SAM's predicted IoU of each mask (its IoU head; meaningful once trained with `iou_loss`).
-    seg_embeds (`torch.FloatTensor` of shape `(S, guidance_dim)`):
-        The projected `[SEG]` hidden states: the prune decoder's guidance and the mask decoder's prompt.
-    seg_sample_indices (`torch.LongTensor` of shape `(S,)`):
-        The sample each `[SEG]` belongs to.
-    token_scores, keep_indices (`tuple(torch.Tensor)`, one `(S, ...)` tensor per pruning stage):
-        As in [`VLTPVisionOutput`], per `[SEG]`.
-    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-        LLaVA's language model, as [`LlavaForConditionalGeneration`] returns them: the input embeddings (image
-        features in place of the image tokens) and the output of every decoder layer, each
-        `(batch_size, sequence_length, hidden_size)`. SAM's ViT states are not included (at ViT-H they are
-        64x64x1280 per layer and `[SEG]`): run `model.vision_model(..., output_hidden_states=True)` for them.
-    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-        LLaVA's language-model attention weights, one `(batch_size, num_heads, sequence_length, sequence_length)`
-        tensor per decoder layer (needs an attention implementation that returns them, e.g. `"eager"`).
-    """
-
-    loss: torch.FloatTensor | None = None
-    lm_loss: torch.FloatTensor | None = None
-    mask_bce_loss: torch.FloatTensor | None = None
-    mask_dice_loss: torch.FloatTensor | None = None
-    prune_loss: torch.FloatTensor | None = None
-    iou_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    pred_masks: torch.FloatTensor | None = None
-    iou_scores: torch.FloatTensor | None = None
-    seg_embeds: torch.FloatTensor | None = None
-    seg_sample_indices: torch.LongTensor | None = None
-    token_scores: tuple[torch.FloatTensor, ...] | None = None
-    keep_indices: tuple[torch.LongTensor, ...] | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # What `VLTPForTaskSegmentation.forward` passes on to `LlavaForConditionalGeneration.forward`, besides the inputs it
@@ -722,29 +745,6 @@ _LLAVA_FORWARD_KWARGS = frozenset(
         "seq_idx",
     }
 )
-
-
-@dataclass
-class VLTPSegmentationResult:
-    """What [`VLTPForTaskSegmentation.segment`] returns for one (image, task).
-
-    mask: boolean (H, W) mask at the image's own size; empty when the answer has no `[SEG]` (the model says nothing
-        fits) or when `score` is below `segment`'s `min_score`.
-    score: SAM's predicted IoU of the mask decoded from `[SEG]` (`None` without `[SEG]`). It comes from SAM's IoU
-        head, which tracks the real IoU only for a model trained with the IoU loss (`VLTPConfig.iou_loss_weight`).
-    text: the generated answer. seg_found: whether the answer contained `[SEG]`.
-    message: why the mask is empty (the model's answer without `[SEG]`, or the score below `min_score`), else `None`.
-    kept_token_maps: one boolean (grid, grid) map per pruning stage, True where the ViT kept the token.
-    """
-
-    image_index: int
-    task: str
-    mask: torch.Tensor
-    score: float | None
-    text: str
-    seg_found: bool
-    kept_token_maps: list[torch.Tensor]
-    message: str | None = None
 
 
 class _VLTPSamSide:
