@@ -8,6 +8,7 @@ from .modeling_vltp import (
     VLTPForTaskSegmentation,
     VLTPPreTrainedModel,
     VLTPPruneDecoder,
+    VLTPSamModel,
     VLTPSamSegmenter,
     VLTPSamVisionModel,
     VLTPSegmentationResult,
@@ -38,7 +39,7 @@ AutoProcessor.register(VLTPConfig, VLTPProcessor, exist_ok=True)
 # `save_pretrained(..., remote_code=False)`).
 for _config_class in (VLTPVisionConfig, VLTPConfig):
     _config_class.register_for_auto_class("AutoConfig")
-for _model_class in (VLTPSamVisionModel, VLTPForTaskSegmentation):
+for _model_class in (VLTPSamVisionModel, VLTPSamModel, VLTPForTaskSegmentation):
     _model_class.register_for_auto_class("AutoModel")
 VLTPProcessor.register_for_auto_class("AutoProcessor")
 
@@ -56,6 +57,7 @@ __all__ = [
     "resize_embeddings_for_tokenizer",
     "VLTPPreTrainedModel",
     "VLTPPruneDecoder",
+    "VLTPSamModel",
     "VLTPSamSegmenter",
     "VLTPSamVisionModel",
     "VLTPVisionConfig",

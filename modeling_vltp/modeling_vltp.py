@@ -747,16 +747,30 @@ _LLAVA_FORWARD_KWARGS = frozenset(
 )
 
 
-class _VLTPSamSide:
-    """SAM's side of the system, shared by [`VLTPForTaskSegmentation`] and [`VLTPSamSegmenter`]: the pruned ViT
-    (`vision_model`), and in `SamModel`'s layout `shared_image_embedding`, `prompt_encoder` and `mask_decoder`; mask
-    decoding from `[SEG]` embeddings, and the losses L_X and L_P."""
+class VLTPSamModel(VLTPPreTrainedModel):
+    """SAM's side of VLTP in `SamModel`'s layout: the pruned ViT (`vision_model`, a [`VLTPSamVisionModel`]),
+    `shared_image_embedding`, `prompt_encoder` and `mask_decoder`, prompted by projected `[SEG]` embeddings, which
+    also guide the pruning. It decodes masks, computes the losses L_X, L_P and SAM's IoU loss, and is what stage 2
+    (VLTP@Finetune) trains from cached `[SEG]` embeddings without loading LLaVA.
 
+    [`VLTPForTaskSegmentation`] is this model plus LLaVA and `text_hidden_fcs`, under the same parameter names, so
+    `VLTPSamModel.from_pretrained(<VLTP checkpoint>)` loads SAM's side and skips LLaVA's weights.
+    """
+
+    config: VLTPConfig
+    config_class = VLTPConfig
+    main_input_name = "sam_pixel_values"
+    _keys_to_ignore_on_load_unexpected = [r"^llava\.", r"^text_hidden_fcs\."]
     _tied_weights_keys = {
         "prompt_encoder.shared_embedding.positional_embedding": "shared_image_embedding.positional_embedding"
     }
 
-    def _build_sam_side(self, config: VLTPConfig):
+    def __init__(self, config: VLTPConfig):
+        super().__init__(config)
+        self._add_sam_modules(config)
+        self.post_init()
+
+    def _add_sam_modules(self, config: VLTPConfig):
         self.vision_model = VLTPSamVisionModel(config.vision_config)
         self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
         self.prompt_encoder = SamPromptEncoder(config)
@@ -780,6 +794,44 @@ class _VLTPSamSide:
         y, x = torch.meshgrid(centers, centers, indexing="ij")
         encoding = self.shared_image_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
         return encoding[None].expand(batch_size, -1, -1, -1)
+
+    def forward(
+        self,
+        sam_pixel_values: torch.Tensor,
+        seg_embeds: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        reshaped_input_sizes: torch.Tensor | None = None,
+        prune_rates: list[float] | None = None,
+        image_indices: torch.LongTensor | None = None,
+    ) -> VLTPTaskSegmentationOutput:
+        r"""
+        sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+            The images as SAM's image processor prepares them.
+        seg_embeds (`torch.FloatTensor` of shape `(num_tasks, guidance_dim)`):
+            Projected `[SEG]` embeddings (e.g. from a cache of `VLTPForTaskSegmentation.seg_embeddings`): one per
+            image, or any number per image with `image_indices`.
+        masks (`torch.FloatTensor` of shape `(num_tasks, image_size, image_size)`, *optional*):
+            One target per `[SEG]` embedding, in SAM's input frame; with them `loss` is L_X + L_P (Eq. 12) plus
+            SAM's IoU loss, weighted by the config's mask, pruning and IoU loss weights.
+        reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*), prune_rates:
+            As in [`VLTPForTaskSegmentation.forward`], per image.
+        image_indices (`torch.LongTensor` of shape `(num_tasks,)`, *optional*):
+            The image of each `[SEG]` embedding, for several tasks per image: SAM's dense layers then run once per
+            image. Without it embedding s belongs to image s. `seg_sample_indices` of the output repeats it.
+        """
+        seg_embeds = seg_embeds.to(self.dtype)
+        if image_indices is None:
+            pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values, seg_embeds, prune_rates)
+            samples = torch.arange(len(seg_embeds), device=seg_embeds.device)
+        else:
+            pred_masks, iou_scores, vision = self._decode_by_image(
+                sam_pixel_values, seg_embeds, image_indices, prune_rates
+            )
+            samples = image_indices
+        losses = {}
+        if masks is not None:
+            losses = self._mask_losses(pred_masks, iou_scores, vision, masks, reshaped_input_sizes, samples)
+        return self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision)
 
     def decode_masks(
         self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None, image_indices=None
@@ -856,18 +908,21 @@ class _VLTPSamSide:
         )
 
 
-class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
+# The former name of `VLTPSamModel`, kept so that code importing it still runs.
+VLTPSamSegmenter = VLTPSamModel
+
+
+class VLTPForTaskSegmentation(VLTPSamModel):
     """VLTP's task-oriented segmentation system (paper Sec. 3, Fig. 2): LLaVA reads the image and the task and answers
     with `[SEG]`; the projected hidden state of that answer (`text_hidden_fcs`, as in LISA) guides the token pruning
     inside SAM's ViT ([`VLTPSamVisionModel`]) and is the sparse prompt of SAM's mask decoder.
 
-    Parameters: `llava.*` (transformers' `LlavaForConditionalGeneration`), `text_hidden_fcs.*`, `vision_model.*` (the
-    pruned SAM ViT) and, in `SamModel`'s layout, `shared_image_embedding.*`, `prompt_encoder.*` and `mask_decoder.*`,
-    so that SAM's prompt encoder and mask decoder load by key.
+    It is [`VLTPSamModel`] (SAM's side) plus LLaVA. Parameters: `llava.*` (transformers'
+    `LlavaForConditionalGeneration`), `text_hidden_fcs.*`, and [`VLTPSamModel`]'s at the top level: `vision_model.*`
+    (the pruned SAM ViT) and, in `SamModel`'s layout, `shared_image_embedding.*`, `prompt_encoder.*` and
+    `mask_decoder.*`, so that SAM's prompt encoder and mask decoder load by key.
     """
 
-    config: VLTPConfig
-    config_class = VLTPConfig
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _no_split_modules = ["VLTPSamVisionLayer", "VLTPPruneDecoder", "LlamaDecoderLayer", "CLIPEncoderLayer"]
@@ -876,7 +931,8 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
     accepts_loss_kwargs = False
 
     def __init__(self, config: VLTPConfig):
-        super().__init__(config)
+        # Not `VLTPSamModel.__init__`: LLaVA's modules come first, the parameter order of the existing checkpoints.
+        VLTPPreTrainedModel.__init__(self, config)
         self.llava = LlavaForConditionalGeneration(config.llava_config)
         if config.projector == "linear":
             self.llava.model.multi_modal_projector = VLTPLinearProjector(config.llava_config)
@@ -884,7 +940,7 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, config.vision_config.guidance_dim)
         )
-        self._build_sam_side(config)
+        self._add_sam_modules(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1197,63 +1253,6 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
         ]
 
 
-class VLTPSamSegmenter(_VLTPSamSide, VLTPPreTrainedModel):
-    """The SAM side of [`VLTPForTaskSegmentation`] (pruned ViT, prompt encoder, mask decoder) on its own: what stage 2
-    (VLTP@Finetune) trains from cached `[SEG]` embeddings, without loading LLaVA.
-
-    Its parameters carry `VLTPForTaskSegmentation`'s names, so `from_pretrained(<VLTP checkpoint>)` loads them and
-    skips LLaVA's weights.
-    """
-
-    config: VLTPConfig
-    config_class = VLTPConfig
-    main_input_name = "sam_pixel_values"
-    _keys_to_ignore_on_load_unexpected = [r"^llava\.", r"^text_hidden_fcs\."]
-
-    def __init__(self, config: VLTPConfig):
-        super().__init__(config)
-        self._build_sam_side(config)
-        self.post_init()
-
-    def forward(
-        self,
-        sam_pixel_values: torch.Tensor,
-        seg_embeds: torch.Tensor,
-        masks: torch.Tensor | None = None,
-        reshaped_input_sizes: torch.Tensor | None = None,
-        prune_rates: list[float] | None = None,
-        image_indices: torch.LongTensor | None = None,
-    ) -> VLTPTaskSegmentationOutput:
-        r"""
-        sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
-            The images as SAM's image processor prepares them.
-        seg_embeds (`torch.FloatTensor` of shape `(num_tasks, guidance_dim)`):
-            Projected `[SEG]` embeddings (e.g. from a cache of `VLTPForTaskSegmentation.seg_embeddings`): one per
-            image, or any number per image with `image_indices`.
-        masks (`torch.FloatTensor` of shape `(num_tasks, image_size, image_size)`, *optional*):
-            One target per `[SEG]` embedding, in SAM's input frame; with them `loss` is L_X + L_P (Eq. 12) plus
-            SAM's IoU loss, weighted by the config's mask, pruning and IoU loss weights.
-        reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*), prune_rates:
-            As in [`VLTPForTaskSegmentation.forward`], per image.
-        image_indices (`torch.LongTensor` of shape `(num_tasks,)`, *optional*):
-            The image of each `[SEG]` embedding, for several tasks per image: SAM's dense layers then run once per
-            image. Without it embedding s belongs to image s. `seg_sample_indices` of the output repeats it.
-        """
-        seg_embeds = seg_embeds.to(self.dtype)
-        if image_indices is None:
-            pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values, seg_embeds, prune_rates)
-            samples = torch.arange(len(seg_embeds), device=seg_embeds.device)
-        else:
-            pred_masks, iou_scores, vision = self._decode_by_image(
-                sam_pixel_values, seg_embeds, image_indices, prune_rates
-            )
-            samples = image_indices
-        losses = {}
-        if masks is not None:
-            losses = self._mask_losses(pred_masks, iou_scores, vision, masks, reshaped_input_sizes, samples)
-        return self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision)
-
-
 # What `segment` passes to `generate` itself.
 _SEGMENT_GENERATE_ARGUMENTS = frozenset(
     {
@@ -1328,6 +1327,7 @@ def _image_task_pairs(images, tasks) -> list[tuple[int, str]]:
 __all__ = [
     "MAX_SHARD_SIZE",
     "VLTPForTaskSegmentation",
+    "VLTPSamModel",
     "VLTPSamSegmenter",
     "VLTPLinearProjector",
     "VLTPSegmentationResult",

@@ -302,10 +302,10 @@ def test_image_indices_without_pruning_give_one_row_per_guidance():
 
 def test_decode_masks_passes_image_indices_on():
     """SAM's side decodes one mask per guidance from the shared prefix; tolerance as in the test above."""
-    from modeling_vltp import VLTPSamSegmenter
+    from modeling_vltp import VLTPSamModel
     from modeling_vltp.testing import tiny_config
 
-    segmenter = randomized(VLTPSamSegmenter(tiny_config()))
+    segmenter = randomized(VLTPSamModel(tiny_config()))
     pixel_values = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     guidance_dim = segmenter.config.vision_config.guidance_dim
     seg_embeds = torch.randn(3, guidance_dim, generator=torch.Generator().manual_seed(3))
