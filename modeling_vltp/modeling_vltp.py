@@ -187,17 +187,6 @@ class VLTPPruneDecoder(nn.Module):
         self.transformer = SamTwoWayTransformer(transformer_config)
         self.positional_embedding = SamPositionalEmbedding(_PositionalEmbeddingSize(hidden))
 
-    def image_positional_embeddings(self, like: torch.Tensor) -> torch.Tensor:
-        """SAM-style random-Fourier positional encoding of the token grid, (d, grid, grid), on the device and in the
-        dtype of `like`. The coordinates are made there, not next to the parameter, which offloading may keep on the
-        meta device until `positional_embedding`'s own `forward` loads it."""
-        size = self.grid_size
-        device = like.device
-        centers = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
-        y, x = torch.meshgrid(centers, centers, indexing="ij")
-        encoding = self.positional_embedding(torch.stack([x, y], dim=-1))
-        return encoding.permute(2, 0, 1).to(like.dtype)
-
     def forward(self, image_tokens: torch.Tensor, guidance_embeds: torch.Tensor) -> torch.Tensor:
         """Relevance logits (B, grid * grid) of the tokens `image_tokens` (B, grid, grid, D) to the guidance (B, g)."""
         batch_size = image_tokens.shape[0]
@@ -206,7 +195,8 @@ class VLTPPruneDecoder(nn.Module):
         guidance = self.guidance_proj(guidance_embeds.to(image.dtype))
         query = self.query_token.to(image.dtype).expand(batch_size, -1)
         tokens = torch.stack([query, guidance], dim=1)[:, None]  # (B, 1, 2, d): one "point batch" of two tokens
-        positional = self.image_positional_embeddings(image).expand(batch_size, -1, -1, -1)
+        positional = _grid_positional_encoding(self.positional_embedding, self.grid_size, image.device)
+        positional = positional.to(image.dtype).expand(batch_size, -1, -1, -1)
         tokens_out, image_out = self.transformer(
             point_embeddings=tokens,
             image_embeddings=image,
@@ -230,6 +220,15 @@ class _PositionalEmbeddingSize:
     @property
     def scale(self) -> float:
         return self.hidden_size // 2
+
+
+def _grid_positional_encoding(positional_embedding: SamPositionalEmbedding, size: int, device) -> torch.Tensor:
+    """SAM's random-Fourier positional encoding of the centres of a size x size grid, (d, size, size). The coordinates
+    are made on `device`, not next to the parameter, which offloading may keep on the meta device until
+    `positional_embedding`'s own `forward` loads it."""
+    centers = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    y, x = torch.meshgrid(centers, centers, indexing="ij")
+    return positional_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
 
 
 def select_tokens(token_scores: torch.Tensor, num_keep: int, temperature: float = 1.0):
@@ -786,14 +785,10 @@ class VLTPSamModel(VLTPPreTrainedModel):
 
     def image_positional_embeddings(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """SAM's dense positional encoding of the image-embedding grid, (B, d, grid, grid), on the device of
-        `image_embeddings` (not read from the parameter, which offloading keeps on the meta device until
-        `shared_image_embedding`'s own `forward` loads it)."""
+        `image_embeddings`."""
         size = self.config.prompt_encoder_config.image_embedding_size
-        batch_size = image_embeddings.shape[0]
-        centers = (torch.arange(size, device=image_embeddings.device, dtype=torch.float32) + 0.5) / size
-        y, x = torch.meshgrid(centers, centers, indexing="ij")
-        encoding = self.shared_image_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
-        return encoding[None].expand(batch_size, -1, -1, -1)
+        encoding = _grid_positional_encoding(self.shared_image_embedding, size, image_embeddings.device)
+        return encoding[None].expand(image_embeddings.shape[0], -1, -1, -1)
 
     def forward(
         self,
