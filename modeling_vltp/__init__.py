@@ -19,6 +19,7 @@ from .modeling_vltp import (
     pruning_targets,
     select_tokens,
     vltp_pruning_loss,
+    weighted_loss,
 )
 from .processing_vltp import (
     DEFAULT_ANSWER,
@@ -69,4 +70,5 @@ __all__ = [
     "select_tokens",
     "vision_gmacs",
     "vltp_pruning_loss",
+    "weighted_loss",
 ]

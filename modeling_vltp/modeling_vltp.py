@@ -706,6 +706,13 @@ def iou_prediction_loss(
     return F.mse_loss(iou_scores.float(), actual)
 
 
+def weighted_loss(config: VLTPConfig, parts: dict) -> torch.Tensor | None:
+    """The training loss: the sum of the loss parts that were computed (not `None`), each times the config's
+    `<name>_weight` (e.g. `mask_dice_loss_weight` for `mask_dice_loss`); `None` when no part was computed."""
+    weighted = [getattr(config, f"{name}_weight") * part for name, part in parts.items() if part is not None]
+    return sum(weighted) if weighted else None
+
+
 class VLTPLinearProjector(nn.Module):
     """LLaVA-v1's vision-to-language projector, a single Linear (LISA's `mm_projector`); `VLTPConfig.projector`
     selects it instead of LLaVA-1.5's two-layer MLP."""
@@ -885,11 +892,8 @@ class VLTPSamModel(VLTPPreTrainedModel):
         self, losses: dict, pred_masks, iou_scores, seg_embeds, samples, vision, llm=None
     ) -> VLTPTaskSegmentationOutput:
         """The output, with `loss` the config's weighted sum of the loss parts that were computed."""
-        weighted = [
-            getattr(self.config, f"{name}_weight") * value for name, value in losses.items() if value is not None
-        ]
         return VLTPTaskSegmentationOutput(
-            loss=sum(weighted) if weighted else None,
+            loss=weighted_loss(self.config, losses),
             **losses,
             logits=None if llm is None else llm.logits,
             pred_masks=pred_masks,
@@ -1336,4 +1340,5 @@ __all__ = [
     "pruning_targets",
     "select_tokens",
     "vltp_pruning_loss",
+    "weighted_loss",
 ]

@@ -52,7 +52,7 @@ from .data.collator import LISA_ANSWERS, NO_TARGET_ANSWERS, SEG_CACHE_COLUMN, VL
 from .data.masks import decode_mask_batch
 from .flops import vision_gmacs
 from .metrics import tos_metrics_from_counts
-from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamModel
+from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamModel, weighted_loss
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
 from .staging import staged_output
 
@@ -474,9 +474,8 @@ class VLTPTrainer(Trainer):
         return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
     def weighted_loss(self, outputs) -> torch.Tensor:
-        config = self._config()
-        parts = {name: getattr(outputs, name) for name in self.losses}
-        return sum(getattr(config, f"{name}_weight") * part for name, part in parts.items() if part is not None)
+        """The model's `weighted_loss` of this stage's loss parts (`losses`)."""
+        return weighted_loss(self._config(), {name: getattr(outputs, name) for name in self.losses})
 
     def _forward(self, model, inputs):
         model_inputs = {name: inputs[name] for name in self.input_names if name in inputs}
