@@ -505,9 +505,8 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         return self.config.image_size // self.config.patch_size
 
     def num_kept_tokens(self, prune_rate: float) -> int:
-        """K = N - round(r N), at least one token."""
-        num_tokens = self.grid_size**2
-        return max(1, num_tokens - round(prune_rate * num_tokens))
+        """K = N - round(r N), at least one token (see [`VLTPVisionConfig.num_kept_tokens`])."""
+        return self.config.num_kept_tokens(prune_rate)
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(

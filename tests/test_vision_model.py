@@ -210,6 +210,13 @@ def test_pruned_path_matches_masked_reference(rates):
         assert relative_error(output.token_scores[stage], expected_scores[stage]) <= 1e-5
 
 
+def test_the_config_says_how_many_tokens_a_rate_keeps():
+    """K = N - round(r N), at least one, from the config alone (the model card uses it); the model asks the config."""
+    config = tiny_vision_config()
+    assert [config.num_kept_tokens(rate) for rate in (0, 0.5, 0.704, 0.999)] == [100, 50, 30, 1]
+    assert [tiny_model().num_kept_tokens(rate) for rate in (0.3, 0.9)] == [70, 10]
+
+
 def test_pruning_changes_the_output_and_reactivates_tokens():
     model = tiny_model()
     pixel_values, guidance = inputs()
