@@ -9,6 +9,7 @@ from .modeling_vltp import (
     VLTPForTaskSegmentation,
     VLTPPreTrainedModel,
     VLTPPruneDecoder,
+    VLTPSamModel,
     VLTPSamSegmenter,
     VLTPSamVisionModel,
     VLTPSegmentationResult,
@@ -19,6 +20,7 @@ from .modeling_vltp import (
     pruning_targets,
     select_tokens,
     vltp_pruning_loss,
+    weighted_loss,
 )
 from .processing_vltp import (
     DEFAULT_ANSWER,
@@ -39,7 +41,7 @@ AutoProcessor.register(VLTPConfig, VLTPProcessor, exist_ok=True)
 # `save_pretrained(..., remote_code=False)`).
 for _config_class in (VLTPVisionConfig, VLTPConfig):
     _config_class.register_for_auto_class("AutoConfig")
-for _model_class in (VLTPSamVisionModel, VLTPForTaskSegmentation):
+for _model_class in (VLTPSamVisionModel, VLTPSamModel, VLTPForTaskSegmentation):
     _model_class.register_for_auto_class("AutoModel")
 VLTPProcessor.register_for_auto_class("AutoProcessor")
 
@@ -58,6 +60,7 @@ __all__ = [
     "resize_embeddings_for_tokenizer",
     "VLTPPreTrainedModel",
     "VLTPPruneDecoder",
+    "VLTPSamModel",
     "VLTPSamSegmenter",
     "VLTPSamVisionModel",
     "VLTPVisionConfig",
@@ -69,4 +72,5 @@ __all__ = [
     "select_tokens",
     "vision_gmacs",
     "vltp_pruning_loss",
+    "weighted_loss",
 ]

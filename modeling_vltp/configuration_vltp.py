@@ -127,6 +127,12 @@ class VLTPVisionConfig(SamVisionConfig):
         super().__post_init__(**kwargs)
         self.validate_pruning()
 
+    def num_kept_tokens(self, prune_rate: float) -> int:
+        """K = N - round(r N): how many of the N = (image_size / patch_size)**2 tokens a stage at rate r keeps, at
+        least one."""
+        num_tokens = (self.image_size // self.patch_size) ** 2
+        return max(1, num_tokens - round(prune_rate * num_tokens))
+
     def validate_pruning(self):
         """Raise `ValueError` naming the field if `prune_layers` / `prune_rates` are not a valid pruning plan."""
         layers, rates = list(self.prune_layers), list(self.prune_rates)

@@ -125,7 +125,7 @@ def _pruning_section(vision: VLTPSamVisionModel) -> str:
         return "This encoder has no pruning stage: every token runs through every layer."
     rows = ["| stage | starts after layer | pruning rate | tokens kept |", "| --- | --- | --- | --- |"]
     for stage, (layer, rate) in enumerate(zip(config.prune_layers, config.prune_rates), start=1):
-        kept = vision.num_kept_tokens(rate)
+        kept = config.num_kept_tokens(rate)
         rows.append(f"| {stage} | {layer} of {config.num_hidden_layers} | {rate:g} | {kept} of {num_tokens} |")
     return (
         "After each listed layer the prune decoder scores every token of the image grid against the guidance "

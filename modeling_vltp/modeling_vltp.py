@@ -82,6 +82,80 @@ class VLTPVisionOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class VLTPTaskSegmentationOutput(ModelOutput):
+    r"""
+    Output of [`VLTPForTaskSegmentation`]. S is the number of `[SEG]` tokens in the batch (any number per sample).
+
+    loss (`torch.FloatTensor`, *optional*, returned when `labels` or `masks` are given):
+        `lm_loss_weight * lm_loss + mask_bce_loss_weight * mask_bce_loss + mask_dice_loss_weight * mask_dice_loss
+        + prune_loss_weight * prune_loss + iou_loss_weight * iou_loss`.
+    lm_loss, mask_bce_loss, mask_dice_loss, prune_loss, iou_loss (`torch.FloatTensor`, *optional*):
+        The unweighted parts: LLaVA's next-token cross-entropy (with `labels`), the mask losses L_X, the pruning
+        loss L_P of Eq. 12 (with `masks`; L_P only when pruning ran) and SAM's IoU loss (with `masks`: the squared
+        error of `iou_scores` against the actual IoU of each thresholded mask, see [`iou_prediction_loss`]).
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        LLaVA's next-token logits.
+    pred_masks (`torch.FloatTensor` of shape `(S, mask_size, mask_size)`):
+        Low-resolution mask logits (256x256 at 1024x1024 inputs), one per `[SEG]`.
+    iou_scores (`torch.FloatTensor` of shape `(S,)`):
+        SAM's predicted IoU of each mask (its IoU head; meaningful once trained with `iou_loss`).
+    seg_embeds (`torch.FloatTensor` of shape `(S, guidance_dim)`):
+        The projected `[SEG]` hidden states: the prune decoder's guidance and the mask decoder's prompt.
+    seg_sample_indices (`torch.LongTensor` of shape `(S,)`):
+        The sample each `[SEG]` belongs to.
+    token_scores, keep_indices (`tuple(torch.Tensor)`, one `(S, ...)` tensor per pruning stage):
+        As in [`VLTPVisionOutput`], per `[SEG]`.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        LLaVA's language model, as [`LlavaForConditionalGeneration`] returns them: the input embeddings (image
+        features in place of the image tokens) and the output of every decoder layer, each
+        `(batch_size, sequence_length, hidden_size)`. SAM's ViT states are not included (at ViT-H they are
+        64x64x1280 per layer and `[SEG]`): run `model.vision_model(..., output_hidden_states=True)` for them.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        LLaVA's language-model attention weights, one `(batch_size, num_heads, sequence_length, sequence_length)`
+        tensor per decoder layer (needs an attention implementation that returns them, e.g. `"eager"`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    mask_bce_loss: torch.FloatTensor | None = None
+    mask_dice_loss: torch.FloatTensor | None = None
+    prune_loss: torch.FloatTensor | None = None
+    iou_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pred_masks: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    seg_embeds: torch.FloatTensor | None = None
+    seg_sample_indices: torch.LongTensor | None = None
+    token_scores: tuple[torch.FloatTensor, ...] | None = None
+    keep_indices: tuple[torch.LongTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class VLTPSegmentationResult:
+    """What [`VLTPForTaskSegmentation.segment`] returns for one (image, task).
+
+    mask: boolean (H, W) mask at the image's own size; empty when the answer has no `[SEG]` (the model says nothing
+        fits) or when `score` is below `segment`'s `min_score`.
+    score: SAM's predicted IoU of the mask decoded from `[SEG]` (`None` without `[SEG]`). It comes from SAM's IoU
+        head, which tracks the real IoU only for a model trained with the IoU loss (`VLTPConfig.iou_loss_weight`).
+    text: the generated answer. seg_found: whether the answer contained `[SEG]`.
+    message: why the mask is empty (the model's answer without `[SEG]`, or the score below `min_score`), else `None`.
+    kept_token_maps: one boolean (grid, grid) map per pruning stage, True where the ViT kept the token.
+    """
+
+    image_index: int
+    task: str
+    mask: torch.Tensor
+    score: float | None
+    text: str
+    seg_found: bool
+    kept_token_maps: list[torch.Tensor]
+    message: str | None = None
+
+
 class VLTPPruneDecoder(nn.Module):
     """The prune decoder F_prune (paper Fig. 3b, Eqs. 7-10).
 
@@ -113,17 +187,6 @@ class VLTPPruneDecoder(nn.Module):
         self.transformer = SamTwoWayTransformer(transformer_config)
         self.positional_embedding = SamPositionalEmbedding(_PositionalEmbeddingSize(hidden))
 
-    def image_positional_embeddings(self, like: torch.Tensor) -> torch.Tensor:
-        """SAM-style random-Fourier positional encoding of the token grid, (d, grid, grid), on the device and in the
-        dtype of `like`. The coordinates are made there, not next to the parameter, which offloading may keep on the
-        meta device until `positional_embedding`'s own `forward` loads it."""
-        size = self.grid_size
-        device = like.device
-        centers = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
-        y, x = torch.meshgrid(centers, centers, indexing="ij")
-        encoding = self.positional_embedding(torch.stack([x, y], dim=-1))
-        return encoding.permute(2, 0, 1).to(like.dtype)
-
     def forward(self, image_tokens: torch.Tensor, guidance_embeds: torch.Tensor) -> torch.Tensor:
         """Relevance logits (B, grid * grid) of the tokens `image_tokens` (B, grid, grid, D) to the guidance (B, g)."""
         batch_size = image_tokens.shape[0]
@@ -132,7 +195,8 @@ class VLTPPruneDecoder(nn.Module):
         guidance = self.guidance_proj(guidance_embeds.to(image.dtype))
         query = self.query_token.to(image.dtype).expand(batch_size, -1)
         tokens = torch.stack([query, guidance], dim=1)[:, None]  # (B, 1, 2, d): one "point batch" of two tokens
-        positional = self.image_positional_embeddings(image).expand(batch_size, -1, -1, -1)
+        positional = _grid_positional_encoding(self.positional_embedding, self.grid_size, image.device)
+        positional = positional.to(image.dtype).expand(batch_size, -1, -1, -1)
         tokens_out, image_out = self.transformer(
             point_embeddings=tokens,
             image_embeddings=image,
@@ -158,6 +222,29 @@ class _PositionalEmbeddingSize:
         return self.hidden_size // 2
 
 
+def _grid_positional_encoding(positional_embedding: SamPositionalEmbedding, size: int, device) -> torch.Tensor:
+    """SAM's random-Fourier positional encoding of the centres of a size x size grid, (d, size, size). The coordinates
+    are made on `device`, not next to the parameter, which offloading may keep on the meta device until
+    `positional_embedding`'s own `forward` loads it."""
+    centers = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    y, x = torch.meshgrid(centers, centers, indexing="ij")
+    return positional_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
+
+
+def select_tokens(token_scores: torch.Tensor, num_keep: int, temperature: float = 1.0):
+    """Eq. 11: the sorted indices (B, K) of the `num_keep` highest-scoring tokens, and the smoothed pruning mask
+    `sigmoid((P_s - t) / temperature)` (B, N), t being the `num_keep`-th highest score, used during training."""
+    top = token_scores.topk(num_keep, dim=-1, sorted=False)
+    threshold = top.values.detach().min(dim=-1, keepdim=True).values
+    return top.indices.sort(dim=-1).values, torch.sigmoid((token_scores - threshold) / temperature)
+
+
+def _straight_through_gate(keep_probs: torch.Tensor) -> torch.Tensor:
+    """(B, N) gate whose value is exactly 1 and whose gradient is that of the smoothed mask. Applied to a stage's
+    output it reaches only the kept tokens, since a pruned token's output equals its input."""
+    return (keep_probs - keep_probs.detach()) + 1.0
+
+
 @dataclass
 class _KeptTokens:
     """Index bookkeeping of one pruning stage, computed once and shared by all layers of the stage."""
@@ -177,47 +264,6 @@ class _KeptTokens:
             if (value := getattr(self, field.name)) is not None
         }
         return replace(self, **moved)
-
-
-# Checkpoint files of at most this size: a 7B VLTP model (31 GB in float32) becomes 7 shards. transformers 5 defaults
-# to 50GB, which would write it as a single file.
-MAX_SHARD_SIZE = "5GB"
-
-
-class VLTPPreTrainedModel(PreTrainedModel):
-    config: VLTPVisionConfig
-    config_class = VLTPVisionConfig
-    base_model_prefix = "vltp"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _no_split_modules = ["VLTPSamVisionLayer", "VLTPPruneDecoder"]
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-
-    def save_pretrained(
-        self, save_directory, *args, max_shard_size: int | str = MAX_SHARD_SIZE, remote_code: bool = True, **kwargs
-    ):
-        """`PreTrainedModel.save_pretrained` (safetensors), sharded at `MAX_SHARD_SIZE` unless told otherwise. The
-        package registers its classes for the Auto classes, so the folder (or the pushed repository) gets an
-        `auto_map` and the model files and loads with `trust_remote_code=True` without this package; with
-        `remote_code=False` it gets neither."""
-        if remote_code:
-            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
-        with without_remote_code(self, self.config):
-            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
-
-    def _init_weights(self, module: nn.Module):
-        super()._init_weights(module)
-        if isinstance(module, SamPositionalEmbedding):
-            init.normal_(module.positional_embedding, std=module.scale)
-        elif isinstance(module, VLTPPruneDecoder):
-            # Children are initialised first; the prune decoder then gets a usable std, since SAM's vision config
-            # has an `initializer_range` of 1e-10 which would start it without any signal.
-            std = self.config.prune_decoder_initializer_range
-            for layer in module.modules():
-                if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                    init.normal_(layer.weight, std=std)
-            init.normal_(module.query_token, std=1.0)
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -353,6 +399,47 @@ class VLTPSamVisionLayer(SamVisionLayer):
         return full.scatter(1, index, packed).view_as(hidden_states)
 
 
+# Checkpoint files of at most this size: a 7B VLTP model (31 GB in float32) becomes 7 shards. transformers 5 defaults
+# to 50GB, which would write it as a single file.
+MAX_SHARD_SIZE = "5GB"
+
+
+class VLTPPreTrainedModel(PreTrainedModel):
+    config: VLTPVisionConfig
+    config_class = VLTPVisionConfig
+    base_model_prefix = "vltp"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["VLTPSamVisionLayer", "VLTPPruneDecoder"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def save_pretrained(
+        self, save_directory, *args, max_shard_size: int | str = MAX_SHARD_SIZE, remote_code: bool = True, **kwargs
+    ):
+        """`PreTrainedModel.save_pretrained` (safetensors), sharded at `MAX_SHARD_SIZE` unless told otherwise. The
+        package registers its classes for the Auto classes, so the folder (or the pushed repository) gets an
+        `auto_map` and the model files and loads with `trust_remote_code=True` without this package; with
+        `remote_code=False` it gets neither."""
+        if remote_code:
+            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        with without_remote_code(self, self.config):
+            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, SamPositionalEmbedding):
+            init.normal_(module.positional_embedding, std=module.scale)
+        elif isinstance(module, VLTPPruneDecoder):
+            # Children are initialised first; the prune decoder then gets a usable std, since SAM's vision config
+            # has an `initializer_range` of 1e-10 which would start it without any signal.
+            std = self.config.prune_decoder_initializer_range
+            for layer in module.modules():
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    init.normal_(layer.weight, std=std)
+            init.normal_(module.query_token, std=1.0)
+
+
 class VLTPSamVisionEncoder(SamVisionEncoder):
     """`SamVisionEncoder`'s modules and parameter names, with [`VLTPSamVisionLayer`]s as layers."""
 
@@ -368,6 +455,12 @@ class VLTPSamVisionEncoder(SamVisionEncoder):
         where accelerate's offload hooks load it."""
         hidden_states = self.patch_embed(pixel_values)
         return hidden_states if self.pos_embed is None else hidden_states + self.pos_embed
+
+
+def _can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether input checks may read `tensor`'s values: not on the meta device (there are none), and not while
+    `torch.compile` traces (a graph cannot branch on them)."""
+    return tensor.device.type != "meta" and not torch.compiler.is_compiling()
 
 
 class VLTPSamVisionModel(VLTPPreTrainedModel):
@@ -412,9 +505,8 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         return self.config.image_size // self.config.patch_size
 
     def num_kept_tokens(self, prune_rate: float) -> int:
-        """K = N - round(r N), at least one token."""
-        num_tokens = self.grid_size**2
-        return max(1, num_tokens - round(prune_rate * num_tokens))
+        """K = N - round(r N), at least one token (see [`VLTPVisionConfig.num_kept_tokens`])."""
+        return self.config.num_kept_tokens(prune_rate)
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
@@ -566,26 +658,6 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         return kept
 
 
-def _can_read_values(tensor: torch.Tensor) -> bool:
-    """Whether input checks may read `tensor`'s values: not on the meta device (there are none), and not while
-    `torch.compile` traces (a graph cannot branch on them)."""
-    return tensor.device.type != "meta" and not torch.compiler.is_compiling()
-
-
-def _straight_through_gate(keep_probs: torch.Tensor) -> torch.Tensor:
-    """(B, N) gate whose value is exactly 1 and whose gradient is that of the smoothed mask. Applied to a stage's
-    output it reaches only the kept tokens, since a pruned token's output equals its input."""
-    return (keep_probs - keep_probs.detach()) + 1.0
-
-
-def select_tokens(token_scores: torch.Tensor, num_keep: int, temperature: float = 1.0):
-    """Eq. 11: the sorted indices (B, K) of the `num_keep` highest-scoring tokens, and the smoothed pruning mask
-    `sigmoid((P_s - t) / temperature)` (B, N), t being the `num_keep`-th highest score, used during training."""
-    top = token_scores.topk(num_keep, dim=-1, sorted=False)
-    threshold = top.values.detach().min(dim=-1, keepdim=True).values
-    return top.indices.sort(dim=-1).values, torch.sigmoid((token_scores - threshold) / temperature)
-
-
 def pruning_targets(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
     """P_gt of Eqs. 13-14: 1 for every patch that holds at least one positive pixel of the ground-truth mask.
 
@@ -608,6 +680,16 @@ def dice_loss(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> t
     return (1 - (2 * intersection + eps) / (probs.sum(-1) + targets.sum(-1) + eps)).mean()
 
 
+def vltp_pruning_loss(keep_probs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
+    """L_P of Eq. 12: binary cross-entropy + Dice of each stage's smoothed pruning mask against P_gt, summed over
+    stages. `keep_probs` as returned by [`VLTPSamVisionModel`], `targets` from [`pruning_targets`]."""
+    loss = targets.new_zeros(())
+    for probs in keep_probs:
+        probs = probs.float().clamp(1e-6, 1 - 1e-6)
+        loss = loss + F.binary_cross_entropy(probs, targets.float()) + dice_loss(probs, targets)
+    return loss
+
+
 def iou_prediction_loss(
     iou_scores: torch.Tensor, mask_logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
@@ -623,14 +705,11 @@ def iou_prediction_loss(
     return F.mse_loss(iou_scores.float(), actual)
 
 
-def vltp_pruning_loss(keep_probs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
-    """L_P of Eq. 12: binary cross-entropy + Dice of each stage's smoothed pruning mask against P_gt, summed over
-    stages. `keep_probs` as returned by [`VLTPSamVisionModel`], `targets` from [`pruning_targets`]."""
-    loss = targets.new_zeros(())
-    for probs in keep_probs:
-        probs = probs.float().clamp(1e-6, 1 - 1e-6)
-        loss = loss + F.binary_cross_entropy(probs, targets.float()) + dice_loss(probs, targets)
-    return loss
+def weighted_loss(config: VLTPConfig, parts: dict) -> torch.Tensor | None:
+    """The training loss: the sum of the loss parts that were computed (not `None`), each times the config's
+    `<name>_weight` (e.g. `mask_dice_loss_weight` for `mask_dice_loss`); `None` when no part was computed."""
+    weighted = [getattr(config, f"{name}_weight") * part for name, part in parts.items() if part is not None]
+    return sum(weighted) if weighted else None
 
 
 class VLTPLinearProjector(nn.Module):
@@ -648,57 +727,6 @@ class VLTPLinearProjector(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear_1(image_features)
-
-
-@dataclass
-class VLTPTaskSegmentationOutput(ModelOutput):
-    r"""
-    Output of [`VLTPForTaskSegmentation`]. S is the number of `[SEG]` tokens in the batch (any number per sample).
-
-    loss (`torch.FloatTensor`, *optional*, returned when `labels` or `masks` are given):
-        `lm_loss_weight * lm_loss + mask_bce_loss_weight * mask_bce_loss + mask_dice_loss_weight * mask_dice_loss
-        + prune_loss_weight * prune_loss + iou_loss_weight * iou_loss`.
-    lm_loss, mask_bce_loss, mask_dice_loss, prune_loss, iou_loss (`torch.FloatTensor`, *optional*):
-        The unweighted parts: LLaVA's next-token cross-entropy (with `labels`), the mask losses L_X, the pruning
-        loss L_P of Eq. 12 (with `masks`; L_P only when pruning ran) and SAM's IoU loss (with `masks`: the squared
-        error of `iou_scores` against the actual IoU of each thresholded mask, see [`iou_prediction_loss`]).
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-        LLaVA's next-token logits.
-    pred_masks (`torch.FloatTensor` of shape `(S, mask_size, mask_size)`):
-        Low-resolution mask logits (256x256 at 1024x1024 inputs), one per `[SEG]`.
-    iou_scores (`torch.FloatTensor` of shape `(S,)`):
-        SAM's predicted IoU of each mask (its IoU head; meaningful once trained with `iou_loss`).
-    seg_embeds (`torch.FloatTensor` of shape `(S, guidance_dim)`):
-        The projected `[SEG]` hidden states: the prune decoder's guidance and the mask decoder's prompt.
-    seg_sample_indices (`torch.LongTensor` of shape `(S,)`):
-        The sample each `[SEG]` belongs to.
-    token_scores, keep_indices (`tuple(torch.Tensor)`, one `(S, ...)` tensor per pruning stage):
-        As in [`VLTPVisionOutput`], per `[SEG]`.
-    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-        LLaVA's language model, as [`LlavaForConditionalGeneration`] returns them: the input embeddings (image
-        features in place of the image tokens) and the output of every decoder layer, each
-        `(batch_size, sequence_length, hidden_size)`. SAM's ViT states are not included (at ViT-H they are
-        64x64x1280 per layer and `[SEG]`): run `model.vision_model(..., output_hidden_states=True)` for them.
-    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-        LLaVA's language-model attention weights, one `(batch_size, num_heads, sequence_length, sequence_length)`
-        tensor per decoder layer (needs an attention implementation that returns them, e.g. `"eager"`).
-    """
-
-    loss: torch.FloatTensor | None = None
-    lm_loss: torch.FloatTensor | None = None
-    mask_bce_loss: torch.FloatTensor | None = None
-    mask_dice_loss: torch.FloatTensor | None = None
-    prune_loss: torch.FloatTensor | None = None
-    iou_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    pred_masks: torch.FloatTensor | None = None
-    iou_scores: torch.FloatTensor | None = None
-    seg_embeds: torch.FloatTensor | None = None
-    seg_sample_indices: torch.LongTensor | None = None
-    token_scores: tuple[torch.FloatTensor, ...] | None = None
-    keep_indices: tuple[torch.LongTensor, ...] | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # What `VLTPForTaskSegmentation.forward` passes on to `LlavaForConditionalGeneration.forward`, besides the inputs it
@@ -724,39 +752,30 @@ _LLAVA_FORWARD_KWARGS = frozenset(
 )
 
 
-@dataclass
-class VLTPSegmentationResult:
-    """What [`VLTPForTaskSegmentation.segment`] returns for one (image, task).
+class VLTPSamModel(VLTPPreTrainedModel):
+    """SAM's side of VLTP in `SamModel`'s layout: the pruned ViT (`vision_model`, a [`VLTPSamVisionModel`]),
+    `shared_image_embedding`, `prompt_encoder` and `mask_decoder`, prompted by projected `[SEG]` embeddings, which
+    also guide the pruning. It decodes masks, computes the losses L_X, L_P and SAM's IoU loss, and is what stage 2
+    (VLTP@Finetune) trains from cached `[SEG]` embeddings without loading LLaVA.
 
-    mask: boolean (H, W) mask at the image's own size; empty when the answer has no `[SEG]` (the model says nothing
-        fits) or when `score` is below `segment`'s `min_score`.
-    score: SAM's predicted IoU of the mask decoded from `[SEG]` (`None` without `[SEG]`). It comes from SAM's IoU
-        head, which tracks the real IoU only for a model trained with the IoU loss (`VLTPConfig.iou_loss_weight`).
-    text: the generated answer. seg_found: whether the answer contained `[SEG]`.
-    message: why the mask is empty (the model's answer without `[SEG]`, or the score below `min_score`), else `None`.
-    kept_token_maps: one boolean (grid, grid) map per pruning stage, True where the ViT kept the token.
+    [`VLTPForTaskSegmentation`] is this model plus LLaVA and `text_hidden_fcs`, under the same parameter names, so
+    `VLTPSamModel.from_pretrained(<VLTP checkpoint>)` loads SAM's side and skips LLaVA's weights.
     """
 
-    image_index: int
-    task: str
-    mask: torch.Tensor
-    score: float | None
-    text: str
-    seg_found: bool
-    kept_token_maps: list[torch.Tensor]
-    message: str | None = None
-
-
-class _VLTPSamSide:
-    """SAM's side of the system, shared by [`VLTPForTaskSegmentation`] and [`VLTPSamSegmenter`]: the pruned ViT
-    (`vision_model`), and in `SamModel`'s layout `shared_image_embedding`, `prompt_encoder` and `mask_decoder`; mask
-    decoding from `[SEG]` embeddings, and the losses L_X and L_P."""
-
+    config: VLTPConfig
+    config_class = VLTPConfig
+    main_input_name = "sam_pixel_values"
+    _keys_to_ignore_on_load_unexpected = [r"^llava\.", r"^text_hidden_fcs\."]
     _tied_weights_keys = {
         "prompt_encoder.shared_embedding.positional_embedding": "shared_image_embedding.positional_embedding"
     }
 
-    def _build_sam_side(self, config: VLTPConfig):
+    def __init__(self, config: VLTPConfig):
+        super().__init__(config)
+        self._add_sam_modules(config)
+        self.post_init()
+
+    def _add_sam_modules(self, config: VLTPConfig):
         self.vision_model = VLTPSamVisionModel(config.vision_config)
         self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
         self.prompt_encoder = SamPromptEncoder(config)
@@ -772,14 +791,48 @@ class _VLTPSamSide:
 
     def image_positional_embeddings(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """SAM's dense positional encoding of the image-embedding grid, (B, d, grid, grid), on the device of
-        `image_embeddings` (not read from the parameter, which offloading keeps on the meta device until
-        `shared_image_embedding`'s own `forward` loads it)."""
+        `image_embeddings`."""
         size = self.config.prompt_encoder_config.image_embedding_size
-        batch_size = image_embeddings.shape[0]
-        centers = (torch.arange(size, device=image_embeddings.device, dtype=torch.float32) + 0.5) / size
-        y, x = torch.meshgrid(centers, centers, indexing="ij")
-        encoding = self.shared_image_embedding(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
-        return encoding[None].expand(batch_size, -1, -1, -1)
+        encoding = _grid_positional_encoding(self.shared_image_embedding, size, image_embeddings.device)
+        return encoding[None].expand(image_embeddings.shape[0], -1, -1, -1)
+
+    def forward(
+        self,
+        sam_pixel_values: torch.Tensor,
+        seg_embeds: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        reshaped_input_sizes: torch.Tensor | None = None,
+        prune_rates: list[float] | None = None,
+        image_indices: torch.LongTensor | None = None,
+    ) -> VLTPTaskSegmentationOutput:
+        r"""
+        sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+            The images as SAM's image processor prepares them.
+        seg_embeds (`torch.FloatTensor` of shape `(num_tasks, guidance_dim)`):
+            Projected `[SEG]` embeddings (e.g. from a cache of `VLTPForTaskSegmentation.seg_embeddings`): one per
+            image, or any number per image with `image_indices`.
+        masks (`torch.FloatTensor` of shape `(num_tasks, image_size, image_size)`, *optional*):
+            One target per `[SEG]` embedding, in SAM's input frame; with them `loss` is L_X + L_P (Eq. 12) plus
+            SAM's IoU loss, weighted by the config's mask, pruning and IoU loss weights.
+        reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*), prune_rates:
+            As in [`VLTPForTaskSegmentation.forward`], per image.
+        image_indices (`torch.LongTensor` of shape `(num_tasks,)`, *optional*):
+            The image of each `[SEG]` embedding, for several tasks per image: SAM's dense layers then run once per
+            image. Without it embedding s belongs to image s. `seg_sample_indices` of the output repeats it.
+        """
+        seg_embeds = seg_embeds.to(self.dtype)
+        if image_indices is None:
+            pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values, seg_embeds, prune_rates)
+            samples = torch.arange(len(seg_embeds), device=seg_embeds.device)
+        else:
+            pred_masks, iou_scores, vision = self._decode_by_image(
+                sam_pixel_values, seg_embeds, image_indices, prune_rates
+            )
+            samples = image_indices
+        losses = {}
+        if masks is not None:
+            losses = self._mask_losses(pred_masks, iou_scores, vision, masks, reshaped_input_sizes, samples)
+        return self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision)
 
     def decode_masks(
         self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None, image_indices=None
@@ -838,11 +891,8 @@ class _VLTPSamSide:
         self, losses: dict, pred_masks, iou_scores, seg_embeds, samples, vision, llm=None
     ) -> VLTPTaskSegmentationOutput:
         """The output, with `loss` the config's weighted sum of the loss parts that were computed."""
-        weighted = [
-            getattr(self.config, f"{name}_weight") * value for name, value in losses.items() if value is not None
-        ]
         return VLTPTaskSegmentationOutput(
-            loss=sum(weighted) if weighted else None,
+            loss=weighted_loss(self.config, losses),
             **losses,
             logits=None if llm is None else llm.logits,
             pred_masks=pred_masks,
@@ -856,18 +906,21 @@ class _VLTPSamSide:
         )
 
 
-class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
+# The former name of `VLTPSamModel`, kept so that code importing it still runs.
+VLTPSamSegmenter = VLTPSamModel
+
+
+class VLTPForTaskSegmentation(VLTPSamModel):
     """VLTP's task-oriented segmentation system (paper Sec. 3, Fig. 2): LLaVA reads the image and the task and answers
     with `[SEG]`; the projected hidden state of that answer (`text_hidden_fcs`, as in LISA) guides the token pruning
     inside SAM's ViT ([`VLTPSamVisionModel`]) and is the sparse prompt of SAM's mask decoder.
 
-    Parameters: `llava.*` (transformers' `LlavaForConditionalGeneration`), `text_hidden_fcs.*`, `vision_model.*` (the
-    pruned SAM ViT) and, in `SamModel`'s layout, `shared_image_embedding.*`, `prompt_encoder.*` and `mask_decoder.*`,
-    so that SAM's prompt encoder and mask decoder load by key.
+    It is [`VLTPSamModel`] (SAM's side) plus LLaVA. Parameters: `llava.*` (transformers'
+    `LlavaForConditionalGeneration`), `text_hidden_fcs.*`, and [`VLTPSamModel`]'s at the top level: `vision_model.*`
+    (the pruned SAM ViT) and, in `SamModel`'s layout, `shared_image_embedding.*`, `prompt_encoder.*` and
+    `mask_decoder.*`, so that SAM's prompt encoder and mask decoder load by key.
     """
 
-    config: VLTPConfig
-    config_class = VLTPConfig
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     _no_split_modules = ["VLTPSamVisionLayer", "VLTPPruneDecoder", "LlamaDecoderLayer", "CLIPEncoderLayer"]
@@ -876,7 +929,8 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
     accepts_loss_kwargs = False
 
     def __init__(self, config: VLTPConfig):
-        super().__init__(config)
+        # Not `VLTPSamModel.__init__`: LLaVA's modules come first, the parameter order of the existing checkpoints.
+        VLTPPreTrainedModel.__init__(self, config)
         self.llava = LlavaForConditionalGeneration(config.llava_config)
         if config.projector == "linear":
             self.llava.model.multi_modal_projector = VLTPLinearProjector(config.llava_config)
@@ -884,7 +938,7 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, config.vision_config.guidance_dim)
         )
-        self._build_sam_side(config)
+        self._add_sam_modules(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1197,63 +1251,6 @@ class VLTPForTaskSegmentation(_VLTPSamSide, VLTPPreTrainedModel):
         ]
 
 
-class VLTPSamSegmenter(_VLTPSamSide, VLTPPreTrainedModel):
-    """The SAM side of [`VLTPForTaskSegmentation`] (pruned ViT, prompt encoder, mask decoder) on its own: what stage 2
-    (VLTP@Finetune) trains from cached `[SEG]` embeddings, without loading LLaVA.
-
-    Its parameters carry `VLTPForTaskSegmentation`'s names, so `from_pretrained(<VLTP checkpoint>)` loads them and
-    skips LLaVA's weights.
-    """
-
-    config: VLTPConfig
-    config_class = VLTPConfig
-    main_input_name = "sam_pixel_values"
-    _keys_to_ignore_on_load_unexpected = [r"^llava\.", r"^text_hidden_fcs\."]
-
-    def __init__(self, config: VLTPConfig):
-        super().__init__(config)
-        self._build_sam_side(config)
-        self.post_init()
-
-    def forward(
-        self,
-        sam_pixel_values: torch.Tensor,
-        seg_embeds: torch.Tensor,
-        masks: torch.Tensor | None = None,
-        reshaped_input_sizes: torch.Tensor | None = None,
-        prune_rates: list[float] | None = None,
-        image_indices: torch.LongTensor | None = None,
-    ) -> VLTPTaskSegmentationOutput:
-        r"""
-        sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
-            The images as SAM's image processor prepares them.
-        seg_embeds (`torch.FloatTensor` of shape `(num_tasks, guidance_dim)`):
-            Projected `[SEG]` embeddings (e.g. from a cache of `VLTPForTaskSegmentation.seg_embeddings`): one per
-            image, or any number per image with `image_indices`.
-        masks (`torch.FloatTensor` of shape `(num_tasks, image_size, image_size)`, *optional*):
-            One target per `[SEG]` embedding, in SAM's input frame; with them `loss` is L_X + L_P (Eq. 12) plus
-            SAM's IoU loss, weighted by the config's mask, pruning and IoU loss weights.
-        reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*), prune_rates:
-            As in [`VLTPForTaskSegmentation.forward`], per image.
-        image_indices (`torch.LongTensor` of shape `(num_tasks,)`, *optional*):
-            The image of each `[SEG]` embedding, for several tasks per image: SAM's dense layers then run once per
-            image. Without it embedding s belongs to image s. `seg_sample_indices` of the output repeats it.
-        """
-        seg_embeds = seg_embeds.to(self.dtype)
-        if image_indices is None:
-            pred_masks, iou_scores, vision = self.decode_masks(sam_pixel_values, seg_embeds, prune_rates)
-            samples = torch.arange(len(seg_embeds), device=seg_embeds.device)
-        else:
-            pred_masks, iou_scores, vision = self._decode_by_image(
-                sam_pixel_values, seg_embeds, image_indices, prune_rates
-            )
-            samples = image_indices
-        losses = {}
-        if masks is not None:
-            losses = self._mask_losses(pred_masks, iou_scores, vision, masks, reshaped_input_sizes, samples)
-        return self._segmentation_output(losses, pred_masks, iou_scores, seg_embeds, samples, vision)
-
-
 # What `segment` passes to `generate` itself.
 _SEGMENT_GENERATE_ARGUMENTS = frozenset(
     {
@@ -1328,6 +1325,7 @@ def _image_task_pairs(images, tasks) -> list[tuple[int, str]]:
 __all__ = [
     "MAX_SHARD_SIZE",
     "VLTPForTaskSegmentation",
+    "VLTPSamModel",
     "VLTPSamSegmenter",
     "VLTPLinearProjector",
     "VLTPSegmentationResult",
@@ -1341,4 +1339,5 @@ __all__ = [
     "pruning_targets",
     "select_tokens",
     "vltp_pruning_loss",
+    "weighted_loss",
 ]

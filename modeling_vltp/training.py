@@ -11,7 +11,7 @@ at the end, so the output is a plain VLTP checkpoint.
 Stage 2, VLTP@Finetune (Sec. 4.3 and 5.3, Eq. 12): the prune decoder and the mask decoder are trained at the given
 pruning rates with LLaVA and the ViT frozen; loss L_X + L_P + SAM's IoU loss. As LLaVA is frozen, one pass first
 stores every sample's projected `[SEG]` embedding in a `datasets` cache ([`build_seg_cache`]); stage 2 then trains
-[`VLTPSamSegmenter`] (the SAM side only) from that cache without loading LLaVA, and writes its weights back into a
+[`VLTPSamModel`] (the SAM side only) from that cache without loading LLaVA, and writes its weights back into a
 full checkpoint. Starting
 from a stage-2 checkpoint with other rates finetunes for the new rates (Table 4); the cache stays valid, since stage 2
 never changes LLaVA or `text_hidden_fcs`.
@@ -52,7 +52,7 @@ from .data.collator import LISA_ANSWERS, NO_TARGET_ANSWERS, SEG_CACHE_COLUMN, VL
 from .data.masks import decode_mask_batch
 from .flops import vision_gmacs
 from .metrics import tos_metrics_from_counts
-from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamSegmenter
+from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamModel, weighted_loss
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
 from .staging import staged_output
 
@@ -474,9 +474,8 @@ class VLTPTrainer(Trainer):
         return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
     def weighted_loss(self, outputs) -> torch.Tensor:
-        config = self._config()
-        parts = {name: getattr(outputs, name) for name in self.losses}
-        return sum(getattr(config, f"{name}_weight") * part for name, part in parts.items() if part is not None)
+        """The model's `weighted_loss` of this stage's loss parts (`losses`)."""
+        return weighted_loss(self._config(), {name: getattr(outputs, name) for name in self.losses})
 
     def _forward(self, model, inputs):
         model_inputs = {name: inputs[name] for name in self.input_names if name in inputs}
@@ -790,7 +789,7 @@ def _check_seg_cache(config: TrainConfig) -> None:
 
 
 def write_back_segmenter(
-    segmenter: VLTPSamSegmenter, base_model: str, output_dir: str, prune_rates, processor: VLTPProcessor
+    segmenter: VLTPSamModel, base_model: str, output_dir: str, prune_rates, processor: VLTPProcessor
 ) -> None:
     """Save the full checkpoint of `base_model` with the segmenter's weights in place of its own and
     `vision_config.prune_rates` set to `prune_rates`, shard by shard, without building LLaVA."""
@@ -817,7 +816,7 @@ def write_back_segmenter(
 
 def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
     """Stage 2 from a checked `TrainConfig`: builds the `[SEG]` cache when absent (the only time LLaVA is loaded),
-    trains [`VLTPSamSegmenter`] at `config.prune_rates` and writes the full checkpoint to `config.output_dir`."""
+    trains [`VLTPSamModel`] at `config.prune_rates` and writes the full checkpoint to `config.output_dir`."""
     start = time.monotonic()
     *splits, record = check_config(config)
     args = training_arguments(config)
@@ -834,7 +833,7 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
             gc.collect()
         cache = load_seg_cache(config.seg_cache)
     set_seed(args.seed)
-    segmenter = VLTPSamSegmenter.from_pretrained(config.model)
+    segmenter = VLTPSamModel.from_pretrained(config.model)
     segmenter.requires_grad_(False)
     segmenter.vision_model.prune_decoder.requires_grad_(True)
     segmenter.mask_decoder.requires_grad_(config.train_mask_decoder)
@@ -857,7 +856,7 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
 
     def export(trained_dir):
         with outside_deepspeed():
-            trained = VLTPSamSegmenter.from_pretrained(trained_dir)
+            trained = VLTPSamModel.from_pretrained(trained_dir)
         write_back_segmenter(trained, config.model, config.output_dir, rates, processor)
 
     return _run(trainer, config, rates, start, "segmenter", export)

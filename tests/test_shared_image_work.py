@@ -17,7 +17,7 @@ import torch
 from test_task_model import TASKS, BanTokenInRow, images_and_masks, training_batch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from modeling_vltp import VLTPSamSegmenter
+from modeling_vltp import VLTPSamModel
 from modeling_vltp.testing import tiny_config, tiny_model_and_processor
 
 trained = test_task_model.trained  # the tiny system trained to answer "Sure, [SEG]." (a module-scoped fixture)
@@ -157,9 +157,9 @@ def test_forward_with_several_seg_per_sample_matches_one_image_copy_per_seg():
     assert torch.allclose(output.iou_scores, ious, atol=IOU_TOLERANCE)
 
 
-def test_sam_segmenter_takes_several_tasks_per_image():
+def test_sam_model_takes_several_tasks_per_image():
     """Stage 2 groups a sample's tasks by image: `image_indices` gives each embedding its image, targets per task."""
-    segmenter = VLTPSamSegmenter(tiny_config()).eval()
+    segmenter = VLTPSamModel(tiny_config()).eval()
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(2, 3, 128, 128, generator=generator)
     seg_embeds = torch.randn(3, segmenter.config.vision_config.guidance_dim, generator=generator)

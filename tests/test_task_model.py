@@ -1,6 +1,7 @@
 """VLTPForTaskSegmentation with the tiny offline system: shapes, losses, training, saving, and `segment`."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from modeling_vltp import (
     VLTPConfig,
     VLTPForTaskSegmentation,
     VLTPProcessor,
+    VLTPSamModel,
+    VLTPSamSegmenter,
     VLTPVisionConfig,
     iou_prediction_loss,
 )
@@ -223,6 +226,26 @@ def test_save_and_load_reproduce_outputs(tmp_path, trained):
         expected, actual = model(**batch), loaded(**training_batch(loaded_processor))
     assert torch.equal(expected.logits, actual.logits)
     assert torch.equal(expected.pred_masks, actual.pred_masks)
+
+
+def test_sam_model_loads_the_systems_sam_side_under_the_same_names(tmp_path, trained):
+    """`VLTPSamModel` (stage 2) is the system without LLaVA: same parameter names, loads from the system's checkpoint,
+    decodes the same masks, and saves with an `auto_map` of its own. `VLTPSamSegmenter` is its former name."""
+    model, processor, _ = trained
+    model.save_pretrained(tmp_path / "system")
+    sam = VLTPSamModel.from_pretrained(tmp_path / "system").eval()
+    expected_names = [name for name in model.state_dict() if not name.startswith(("llava.", "text_hidden_fcs."))]
+    assert list(sam.state_dict()) == expected_names
+    batch = training_batch(processor)
+    with torch.no_grad():
+        output = model(**batch)
+        sam_output = sam(batch["sam_pixel_values"], output.seg_embeds, image_indices=output.seg_sample_indices)
+    assert torch.equal(output.pred_masks, sam_output.pred_masks)
+    assert torch.equal(output.iou_scores, sam_output.iou_scores)
+    sam.save_pretrained(tmp_path / "sam")
+    auto_map = json.loads((tmp_path / "sam" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_vltp.VLTPSamModel"
+    assert VLTPSamSegmenter is VLTPSamModel
 
 
 class BanTokenInRow(LogitsProcessor):

@@ -210,6 +210,13 @@ def test_pruned_path_matches_masked_reference(rates):
         assert relative_error(output.token_scores[stage], expected_scores[stage]) <= 1e-5
 
 
+def test_the_config_says_how_many_tokens_a_rate_keeps():
+    """K = N - round(r N), at least one, from the config alone (the model card uses it); the model asks the config."""
+    config = tiny_vision_config()
+    assert [config.num_kept_tokens(rate) for rate in (0, 0.5, 0.704, 0.999)] == [100, 50, 30, 1]
+    assert [tiny_model().num_kept_tokens(rate) for rate in (0.3, 0.9)] == [70, 10]
+
+
 def test_pruning_changes_the_output_and_reactivates_tokens():
     model = tiny_model()
     pixel_values, guidance = inputs()
@@ -302,10 +309,10 @@ def test_image_indices_without_pruning_give_one_row_per_guidance():
 
 def test_decode_masks_passes_image_indices_on():
     """SAM's side decodes one mask per guidance from the shared prefix; tolerance as in the test above."""
-    from modeling_vltp import VLTPSamSegmenter
+    from modeling_vltp import VLTPSamModel
     from modeling_vltp.testing import tiny_config
 
-    segmenter = randomized(VLTPSamSegmenter(tiny_config()))
+    segmenter = randomized(VLTPSamModel(tiny_config()))
     pixel_values = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     guidance_dim = segmenter.config.vision_config.guidance_dim
     seg_embeds = torch.randn(3, guidance_dim, generator=torch.Generator().manual_seed(3))
