@@ -1308,7 +1308,10 @@ def evaluate_rates(
                 nothing[index] += [None if t.any() else not r.seg_found for r, t in zip(results, targets)]
     local = {
         "rows": rows,
-        "counts": [torch.cat(overlaps[index]) if rows else torch.zeros(0, 2, dtype=torch.int64) for index in range(len(rates_list))],
+        "counts": [
+            torch.cat(overlaps[index]) if rows else torch.zeros(0, 2, dtype=torch.int64)
+            for index in range(len(rates_list))
+        ],
         "nothing": [nothing[index] for index in range(len(rates_list))],
     }
     shards = _gather(local)

@@ -20,9 +20,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from modeling_vltp.data import synthetic
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
+from modeling_vltp.data import load_rio, synthetic
 from modeling_vltp.testing import tiny_model_and_processor
-from modeling_vltp.training import TrainConfig, load_seg_cache, train
+from modeling_vltp.training import TrainConfig, evaluate_rates, load_seg_cache, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_run import ADAM_EPSILON, ANSWER, LEARNING_RATE, train_loop, wrap_classes  # noqa: E402
@@ -222,3 +223,23 @@ def test_fsdp2_sharded_training_matches_one_process(stage, fsdp2_run, root, refe
     assert len(wrap_classes(stage)) == (4 if stage == 1 else 2)
     assert facts["layers"] >= (8 if stage == 1 else 5), facts  # tiny system: 2 Llama + 2 CLIP + 4 SAM layers, ...
     assert 0.45 < facts["local_share"] < 0.55, facts
+
+
+def test_evaluation_is_data_parallel_and_gives_one_process_metrics(root):
+    """`accelerate launch` (DDP config, 2 processes): each process evaluates one of the 2 images (batches of 3 rows
+    hold whole images), the pixel counts are gathered, and the metrics equal one process's exactly (the batches are
+    the same, so are their computations); `vltp eval` prints one table."""
+    out = root / "eval"
+    out.mkdir()
+    config = accelerate_config("ddp.yaml", out / "accelerate.yaml")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(HELPER)]
+    command += ["--hang-timeout", str(HANG_TIMEOUT), "eval", str(root / "base"), str(root / "world"), str(out / "r")]
+    printed = launch(command, "eval")
+    assert [json.loads((out / f"r.rank{rank}").read_text()) for rank in (0, 1)] == [[3], [3]]
+    model = VLTPForTaskSegmentation.from_pretrained(root / "base")
+    processor = VLTPProcessor.from_pretrained(root / "base")
+    dataset = load_rio(str(root / "world"), str(root / "world"), "train")
+    expected = evaluate_rates(model, processor, dataset, [[0.0], [0.5]], batch_size=3)
+    expected += evaluate_rates(model, processor, dataset, [[0.5]], batch_size=3, answers="generated")
+    assert json.loads((out / "r").read_text()) == json.loads(json.dumps(expected))
+    assert printed.count("RIO train: 6 samples") == 1 and printed.count("pruning rate") == 1, printed
