@@ -1156,11 +1156,43 @@ def _check_resume(config: TrainConfig, record: dict) -> None:
     config.resume_from_checkpoint = str(usable[-1])
 
 
+def check_engine(args: TrainingArguments) -> None:
+    """Refuse, in one line, a launch whose engine would not run, as accelerate falls back silently: FSDP asked
+    (`ACCELERATE_USE_FSDP`) where accelerate's state cannot become FSDP (it does only from a multi-accelerator DDP
+    state, never on CPUs), DeepSpeed asked (`ACCELERATE_USE_DEEPSPEED`) with `use_cpu` (which drops it), or several
+    processes launched (`WORLD_SIZE`) that the Trainer would not join in one gradient exchange."""
+    from accelerate.utils import DistributedType
+
+    args.device  # sets up `args.distributed_state`, as the Trainer will
+    kind, processes = args.distributed_state.distributed_type, args.world_size
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if kind is DistributedType.NO and launched > 1:
+        running = f"{launched} processes each training its own copy (distributed_type NO: no gradient exchange)"
+    else:
+        engine = "DDP over gloo" if kind is DistributedType.MULTI_CPU else f"distributed_type {kind.value}"
+        running = f"{engine} on {processes} process{'es' if processes > 1 else ''}"
+    asked = []
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (
+        not kind.name.startswith("MULTI_") or kind is DistributedType.MULTI_CPU
+    ):
+        asked.append("FSDP")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and args.use_cpu:
+        asked.append("DeepSpeed (use_cpu drops it)")
+    if launched > 1 and (processes != launched or kind is DistributedType.NO):
+        asked.append(f"{launched} processes exchanging gradients")
+    if asked:
+        raise TrainingInputError(
+            f"the launch asked for {' and '.join(asked)}, but {running} would run (docs/training.md, Engines)"
+        )
+
+
 def _start_run(config: TrainConfig, args: TrainingArguments, record: dict) -> Path:
-    """After every process has checked the config, the main process writes the run record into `output_dir` (a
-    resumed run keeps its own, with its list of complete checkpoints). Returns the record's path."""
+    """After every process has checked the config and the engine ([`check_engine`]), the main process writes the run
+    record into `output_dir` (a resumed run keeps its own, with its list of complete checkpoints). Returns the
+    record's path."""
     from accelerate import PartialState
 
+    check_engine(args)
     state = PartialState()
     state.wait_for_everyone()
     path = Path(config.output_dir) / RUN_RECORD
@@ -1343,6 +1375,7 @@ __all__ = [
     "VLTPTrainer",
     "build_seg_cache",
     "check_config",
+    "check_engine",
     "data_fingerprint",
     "distributed_process",
     "evaluate_rates",
