@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
+from .cli import DEMO_MODEL_DIR
 from .configuration_vltp import SAM_VISION_PRESETS, VLTPConfig, VLTPVisionConfig
 from .flops import count_gmacs, vision_gmacs
 from .modeling_vltp import (
@@ -44,6 +45,7 @@ VLTPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "DEFAULT_ANSWER",
+    "DEMO_MODEL_DIR",
     "IMAGE_TOKEN",
     "SAM_VISION_PRESETS",
     "SEG_TOKEN",

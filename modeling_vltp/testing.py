@@ -4,14 +4,13 @@ Everything here is deterministic: the same call returns the same vocabulary and 
 """
 
 import torch
-from torch import nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch import nn
 from transformers import CLIPImageProcessorPil, LlavaConfig, PreTrainedTokenizerFast, SamImageProcessorPil
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig
 from .data.coco_tasks import COCO_TASKS_NAMES
 from .modeling_vltp import VLTPForTaskSegmentation
-
 from .processing_vltp import (
     DEFAULT_ANSWER,
     DEFAULT_PROMPT_TEMPLATE,
@@ -19,7 +18,7 @@ from .processing_vltp import (
     VLTPProcessor,
     add_vltp_special_tokens,
 )
-
+from .testing_hub import HubServer, User, run_without_package  # noqa: F401 (re-exported)
 
 TINY_VOCAB_SIZE = 500
 
@@ -229,7 +228,7 @@ def small_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
 
 
 def small_model_and_processor(seed: int = 0) -> tuple[VLTPForTaskSegmentation, VLTPProcessor]:
-    """A random [`VLTPForTaskSegmentation`] of [`small_config`] (in eval mode) and its [`VLTPProcessor`], built offline.
+    """A random [`VLTPForTaskSegmentation`] of [`small_config`] (in eval mode) and its [`VLTPProcessor`], offline.
 
     Every Linear and convolution of the SAM side (ViT, neck, mask decoder) and of the `[SEG]` projection
     `text_hidden_fcs` gets PyTorch's default initialisation, scaled to its fan-in: the std of 0.02 that large models

@@ -1239,6 +1239,33 @@ def train(config: TrainConfig, callbacks=None) -> TrainSummary:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class _RandomTokenScores(torch.nn.Module):
+    """In place of the prune decoder: uniformly random token scores, so that each stage keeps a random set."""
+
+    def __init__(self, generator: torch.Generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, image_tokens: torch.Tensor, guidance_embeds: torch.Tensor) -> torch.Tensor:
+        batch_size, grid = image_tokens.shape[0], image_tokens.shape[1]
+        scores = torch.rand(batch_size, grid * grid, generator=self.generator)
+        return scores.to(image_tokens.device, image_tokens.dtype)
+
+
+@contextlib.contextmanager
+def random_token_selection(model: VLTPForTaskSegmentation | VLTPSamSegmenter, seed: int = 0):
+    """Within the block, every pruning stage of `model`'s ViT keeps a uniformly random set of tokens (as many as the
+    rate says) instead of the prune decoder's choice: the paper's "Random" baseline (Table 7). The random draws are
+    seeded by `seed`; the prune decoder is put back on exit."""
+    vision = model.vision_model
+    prune_decoder = vision.prune_decoder
+    vision.prune_decoder = _RandomTokenScores(torch.Generator().manual_seed(seed))
+    try:
+        yield
+    finally:
+        vision.prune_decoder = prune_decoder
+
+
 # How `evaluate_rates` gets each sample's answer: LISA's validation answer forced (its protocol), or the model's own.
 ANSWER_MODES = ("teacher-forced", "generated")
 
@@ -1286,6 +1313,8 @@ def evaluate_rates(
     rates_list,
     batch_size: int = 8,
     answers: str = "teacher-forced",
+    selection: str = "vltp",
+    seed: int = 0,
 ) -> list[dict]:
     """Evaluation of `model` on `dataset` at each entry of `rates_list` (one rate per pruning stage). Returns per entry
     `prune_rates`, `gIoU`, `cIoU`, `mIoU_tasks`, `gmacs` (the ViT's, see [`vision_gmacs`]) and `answers`.
@@ -1296,13 +1325,16 @@ def evaluate_rates(
     sample gets a mask. `answers="generated"` lets the model answer ([`VLTPForTaskSegmentation.segment`], once per
     batch and rate, sharing each image's work): an answer without `[SEG]` predicts an empty mask, which an empty
     target credits. Then `nothing_on_empty` is also given: the share of empty targets answered without `[SEG]`
-    (`None` when no target is empty).
+    (`None` when no target is empty). `selection="random"` keeps random tokens instead of the prune decoder's (see
+    [`random_token_selection`], seeded by `seed`), for the paper's random-pruning baseline.
 
     Under `accelerate launch` or `torchrun` (a torch.distributed group), process r evaluates every r-th batch; the
     per-sample pixel counts of all processes are gathered and every process returns the same metrics, equal to one
-    process's (the batches are the same). A progress bar shows on process 0."""
+    process's (the batches are the same; random selection's draws excepted). A progress bar shows on process 0."""
     if answers not in ANSWER_MODES:
         raise ValueError(f"answers must be one of {ANSWER_MODES}, got {answers!r}")
+    if selection not in ("vltp", "random"):
+        raise ValueError(f'selection must be "vltp" or "random", got {selection!r}.')
     model.eval()
     columns = dataset.column_names
     image_ids = dataset["image_id"] if "image_id" in columns else [None] * len(dataset)
@@ -1310,34 +1342,36 @@ def evaluate_rates(
     batches = image_batches(image_ids, batch_size)[rank::world]
     rows = [row for batch in batches for row in batch]
     overlaps, nothing = defaultdict(list), defaultdict(list)
-    if answers == "teacher-forced":
-        collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
-        evaluated = seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating", batches)
-        for indices, (batch, seg, samples) in zip(batches, evaluated):
-            pixels = batch["sam_pixel_values"].to(model.device, model.dtype)
-            images = [image_ids[row] for row in indices]
-            # Each guidance reads the pixels of its image's first row in the batch.
-            first_row = torch.tensor([images.index(image) for image in images], device=model.device)
-            for index, rates in enumerate(rates_list):
-                with torch.no_grad():
-                    pred_masks, _, _ = model._decode_by_image(pixels, seg, first_row[samples], rates)
-                overlaps[index].append(mask_overlaps(processor, pred_masks, samples, batch))
-    else:
-        from tqdm.auto import tqdm
+    selecting = random_token_selection(model, seed) if selection == "random" else contextlib.nullcontext()
+    with selecting:
+        if answers == "teacher-forced":
+            collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
+            evaluated = seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating", batches)
+            for indices, (batch, seg, samples) in zip(batches, evaluated):
+                pixels = batch["sam_pixel_values"].to(model.device, model.dtype)
+                images = [image_ids[row] for row in indices]
+                # Each guidance reads the pixels of its image's first row in the batch.
+                first_row = torch.tensor([images.index(image) for image in images], device=model.device)
+                for index, rates in enumerate(rates_list):
+                    with torch.no_grad():
+                        pred_masks, _, _ = model._decode_by_image(pixels, seg, first_row[samples], rates)
+                    overlaps[index].append(mask_overlaps(processor, pred_masks, samples, batch))
+        else:
+            from tqdm.auto import tqdm
 
-        for indices in tqdm(batches, desc="evaluating", disable=rank != 0):
-            batch = dataset[indices]
-            targets = [np.asarray(mask, dtype=bool) for mask in batch["mask"]]
-            # A batch's rows of one image are consecutive, so `segment`'s results come back in row order.
-            per_image = defaultdict(list)
-            for row, image, task in zip(indices, batch["image"], batch["task"]):
-                per_image[image_ids[row] if image_ids[row] is not None else ("row", row)].append((image, task))
-            images = [entries[0][0].convert("RGB") for entries in per_image.values()]
-            tasks = [[task for _, task in entries] for entries in per_image.values()]
-            for index, rates in enumerate(rates_list):
-                results = model.segment(images, tasks, processor, prune_rates=rates, max_batch_rows=batch_size)
-                overlaps[index].append(_overlaps([result.mask.numpy() for result in results], targets))
-                nothing[index] += [None if t.any() else not r.seg_found for r, t in zip(results, targets)]
+            for indices in tqdm(batches, desc="evaluating", disable=rank != 0):
+                batch = dataset[indices]
+                targets = [np.asarray(mask, dtype=bool) for mask in batch["mask"]]
+                # A batch's rows of one image are consecutive, so `segment`'s results come back in row order.
+                per_image = defaultdict(list)
+                for row, image, task in zip(indices, batch["image"], batch["task"]):
+                    per_image[image_ids[row] if image_ids[row] is not None else ("row", row)].append((image, task))
+                images = [entries[0][0].convert("RGB") for entries in per_image.values()]
+                tasks = [[task for _, task in entries] for entries in per_image.values()]
+                for index, rates in enumerate(rates_list):
+                    results = model.segment(images, tasks, processor, prune_rates=rates, max_batch_rows=batch_size)
+                    overlaps[index].append(_overlaps([result.mask.numpy() for result in results], targets))
+                    nothing[index] += [None if t.any() else not r.seg_found for r, t in zip(results, targets)]
     local = {
         "rows": rows,
         "counts": [
@@ -1386,6 +1420,7 @@ __all__ = [
     "merge_stage1",
     "outside_deepspeed",
     "prepare_stage1_model",
+    "random_token_selection",
     "read_vltp_config",
     "record_differences",
     "run_record",

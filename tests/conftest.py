@@ -15,10 +15,10 @@ import huggingface_hub.hf_api
 import pytest
 import torch
 import transformers.utils.hub
-from hub_server import HubServer, User
 from huggingface_hub import constants
 
 from modeling_vltp.conversion import import_segment_anything_modeling
+from modeling_vltp.testing import HubServer, User
 
 ALICE_TOKEN = "hf_alice_write_token"  # user "alice", member of the organisation "testorg"
 BOB_TOKEN = "hf_bob_write_token"  # user "bob", no organisation
@@ -72,8 +72,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch) -> HubServer:
-    """The stand-in Hub (tests/hub_server.py) in a thread, with users alice (org testorg) and bob; the clients point at
-    it and use alice's token unless told otherwise."""
+    """The stand-in Hub (modeling_vltp.testing_hub) in a thread, with users alice (org testorg) and bob; the clients
+    point at it and use alice's token unless told otherwise."""
     server = HubServer(tmp_path / "hub", {ALICE_TOKEN: User("alice", ["testorg"]), BOB_TOKEN: User("bob")})
     server.start()
     use_hub_endpoint(monkeypatch, server.url, tmp_path / "hf_home")

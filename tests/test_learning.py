@@ -2,13 +2,39 @@
 learns"): the small system of `small_config`, from scratch, on a small synthetic world, on one CPU thread.
 
 Dense training (LISA's losses plus the benchmark's task probe on the `[SEG]` embeddings, which stands in for what a
-pretrained LLaVA knows) must segment held-out images far better than the whole-image baseline, and after training
-the prune decoder, VLTP's pruning at rate 0.5 must beat random pruning at the same rate.
+pretrained LLaVA knows) must segment held-out images far better than the whole-image baseline and than the same model
+guided by another task's `[SEG]`; after training the prune decoder, VLTP's pruning at rate 0.5 must beat random pruning
+at the same rate and stay near dense.
+
+The recipe pairs every training image with all 12 tasks and trains on the pairs with a non-empty target only (about
+half of the pairs): with 3 random tasks per image and empty targets included, 350 steps sat at a tipping point where
+the mask decoder either still predicts (almost) nothing or has started to find the objects: dense gIoU 0.15 to 0.34
+over seeds 0-2 on the AMD EPYC below (seed 0 failed there). Held-out scores are over the ~215 pairs of 30
+unseen images with a non-empty target.
+
+Measured on the 2-core AMD EPYC (AVX-512) where the old recipe failed, torch 2.13.0+cpu, held-out gIoU non-empty,
+dense / wrong task / whole image / VLTP 0.5 / random 0.5 (the default environment and `OMP_NUM_THREADS=1` give
+identical bits, since `learn` sets one thread itself; `MKL_CBWR=COMPATIBLE` and `MKL_CBWR=AVX2` change them):
+
+    seed  default, OMP_NUM_THREADS=1      MKL_CBWR=COMPATIBLE            MKL_CBWR=AVX2
+    0     .402 .298 .063 .398 .273        .379 .290 .063 .374 .242       .364 .254 .063 .372 .252
+    1     .330 .246 .071 .303 .200        .337 .266 .071 .316 .203       .303 .223 .071 .263 .186
+    2     .307 .205 .067 .300 .222        .325 .220 .067 .338 .226       .303 .245 .067 .318 .231
+
+All 9 runs pass. Spread (max - min over the 9) of each asserted difference, and the smallest margin over its
+threshold: dense - whole image 0.107 (margin 0.132), dense - wrong task 0.052 (margin 0.007, seed 2 with AVX2),
+VLTP - random 0.054 (margin 0.077), VLTP - dense 0.054 (margin 0.110). Only the last margin is twice its spread:
+the recipe is still to be made steadier (docs/training.md). One seed runs here: about 110 CPU seconds.
+
+    python tests/test_learning.py --seeds 0 1 2   # the recipe on other seeds, one JSON line each
 """
 
+import argparse
+import json
+import tempfile
 import time
 
-import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,11 +51,9 @@ TASK_INDEX = {
 INPUTS = ("input_ids", "attention_mask", "pixel_values", "sam_pixel_values", "labels", "masks", "reshaped_input_sizes")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tensors(world, split, processor):
-    rows = list(load_rio(world, world, split))
+def tensors(world, split, processor, non_empty_only=False):
+    """The split's (image, task) pairs as model inputs, with `task_index`; optionally only those with a target."""
+    rows = [row for row in load_rio(world, world, split) if not non_empty_only or np.asarray(row["mask"]).any()]
     batch = dict(
         processor(
             images=[row["image"].convert("RGB") for row in rows],
@@ -51,16 +75,29 @@ def iou_per_sample(pred_masks, masks):
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def test_dense_training_and_vltp_pruning_learn(tmp_path):
-    start = time.monotonic()
-    synthetic.generate(tmp_path, 150, seed=0, format="rio", split="train")
-    synthetic.generate(tmp_path, 30, seed=1, format="rio", split="common")
-    model, processor = small_model_and_processor(seed=0)
-    train, held_out = tensors(tmp_path, "train", processor), tensors(tmp_path, "common", processor)
-    probe = nn.Linear(model.config.vision_config.guidance_dim, len(synthetic.TASKS))
-    generator = torch.Generator().manual_seed(0)
+def learn(folder, seed: int) -> dict:
+    """The recipe with `seed` (model init, both worlds, batch order) on one torch thread, whatever the caller's
+    setting: held-out gIoU on non-empty targets of each variant, and the process CPU seconds it took."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _learn(folder, seed)
+    finally:
+        torch.set_num_threads(threads)
 
-    def run(steps, parameters, prune_rates, loss_fn, learning_rate=2e-3, batch_size=12):
+
+def _learn(folder, seed):
+    start = time.process_time()
+    num_tasks = len(synthetic.TASKS)
+    synthetic.generate(folder, 150, seed=2 * seed, format="rio", split="train", tasks_per_image=num_tasks)
+    synthetic.generate(folder, 30, seed=2 * seed + 1, format="rio", split="common", tasks_per_image=num_tasks)
+    model, processor = small_model_and_processor(seed=seed)
+    train = tensors(folder, "train", processor, non_empty_only=True)
+    held_out = tensors(folder, "common", processor)
+    probe = nn.Linear(model.config.vision_config.guidance_dim, num_tasks)
+    generator = torch.Generator().manual_seed(seed)
+
+    def run(steps, parameters, prune_rates, loss_fn, learning_rate, batch_size=12):
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
         model.train()
         for _ in range(steps):
@@ -80,6 +117,7 @@ def test_dense_training_and_vltp_pruning_learn(tmp_path):
         dense_parameters,
         [0.0],
         lambda out, tasks: out.loss + F.cross_entropy(probe(out.seg_embeds), tasks[out.seg_sample_indices]),
+        2e-3,
     )
 
     non_empty = held_out["masks"].flatten(1).sum(1) > 0
@@ -90,26 +128,39 @@ def test_dense_training_and_vltp_pruning_learn(tmp_path):
             pred_masks, _, _ = model.decode_masks(held_out["sam_pixel_values"], guidance, rates)
             return iou_per_sample(pred_masks, held_out["masks"])[non_empty].mean().item()
 
-        dense = scores([0.0])
-        # Each sample guided by its neighbour's [SEG] (mostly the same image, another task): a model that ignores
-        # the task scores the same.
-        wrong_task = scores([0.0], seg_embeds.roll(1, 0))
-    whole_image = iou_per_sample(torch.ones_like(held_out["masks"]), held_out["masks"])[non_empty].mean().item()
-    assert dense > whole_image + 0.1, (dense, whole_image)
-    assert dense > wrong_task + 0.05, (dense, wrong_task)
+        result = {"seed": seed, "dense": scores([0.0])}
+        # Each pair guided by its neighbour's [SEG] (the same image, another task): a model that ignores the task
+        # scores the same.
+        result["wrong_task"] = scores([0.0], seg_embeds.roll(1, 0))
+    masks = held_out["masks"][non_empty]
+    result["whole_image"] = iou_per_sample(torch.ones_like(masks), masks).mean().item()
 
     # Stage 2's job on the prune decoder only: L_P plus the mask losses at rate 0.5.
     decoder = list(model.vision_model.prune_decoder.parameters())
     run(40, decoder, [0.5], lambda out, tasks: out.loss - model.config.lm_loss_weight * out.lm_loss, 1e-3)
     with torch.no_grad():
-        vltp = scores([0.5])
+        result["vltp"] = scores([0.5])
         model.vision_model.prune_decoder.forward = lambda tokens, guidance: torch.rand(
-            tokens.shape[0], model.vision_model.grid_size**2, generator=torch.Generator().manual_seed(0)
+            tokens.shape[0], model.vision_model.grid_size**2, generator=torch.Generator().manual_seed(seed)
         )
-        random_pruning = scores([0.5])
-    print(
-        f"non-empty gIoU: whole image {whole_image:.3f}, dense {dense:.3f}, wrong task {wrong_task:.3f}, "
-        f"VLTP 0.5 {vltp:.3f}, random 0.5 {random_pruning:.3f}; {time.monotonic() - start:.0f} s"
-    )
-    assert vltp > random_pruning, (vltp, random_pruning)
-    assert vltp > dense - 0.15, (vltp, dense)
+        result["random"] = scores([0.5])
+    result["cpu_seconds"] = time.process_time() - start
+    return result
+
+
+def test_dense_training_and_vltp_pruning_learn(tmp_path):
+    result = learn(tmp_path, seed=0)
+    print(result)
+    dense, vltp = result["dense"], result["vltp"]
+    assert dense > result["whole_image"] + 0.1, result
+    assert dense > result["wrong_task"] + 0.05, result
+    assert vltp > result["random"], result
+    assert vltp > dense - 0.15, result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Run the learning test's recipe on several seeds.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    for seed in parser.parse_args().seeds:
+        with tempfile.TemporaryDirectory() as folder:
+            print(json.dumps({name: round(value, 4) for name, value in learn(folder, seed).items()}), flush=True)

@@ -12,7 +12,12 @@ Permissions follow the Hub: every token belongs to a user who may write to their
 organisations'; writing elsewhere is 403; an unknown or private-and-not-yours repository is 404 with
 `X-Error-Code: RepoNotFound`; a missing file is 404 with `X-Error-Code: EntryNotFound`.
 
-Run it on its own with `python tests/hub_server.py --port 8090 --root /tmp/hub --token hf_alice=alice:testorg`.
+Point the clients at it with `HF_ENDPOINT=http://127.0.0.1:PORT` (huggingface_hub reads it when first imported) and
+a token of one of its users in `HF_TOKEN`. In Python: `HubServer(root, {"hf_token": User("alice")}).start()`; on its
+own: `python -m modeling_vltp.testing_hub --port 8090 --root /tmp/hub --token hf_alice=alice:testorg`.
+
+[`run_without_package`] runs a script in a fresh Python in which this package cannot be imported, to check that what
+was pushed loads with `trust_remote_code=True` alone.
 """
 
 import argparse
@@ -21,6 +26,9 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -409,6 +417,34 @@ class HubServer(ThreadingHTTPServer):
         )
         thread.start()
         return thread
+
+
+# Put first on `sys.meta_path` of the child process: it refuses `modeling_vltp` however the package is installed
+# (editable installs put it on every path); the remote-code copies live in `transformers_modules.*`.
+_HIDE_PACKAGE = textwrap.dedent("""\
+    import importlib.abc, sys
+
+    class _HidePackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "modeling_vltp" or name.startswith("modeling_vltp."):
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden)", name=name)
+
+    sys.meta_path.insert(0, _HidePackage())
+""")
+
+
+def run_without_package(code: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run Python `code` with `args` in `sys.argv[1:]` in a fresh `python -I` (no `PYTHONPATH`, no current folder on
+    `sys.path`) in which `modeling_vltp` cannot be imported, as for someone without this package. The environment is
+    passed on (so `HF_ENDPOINT`, `HF_HOME` and `HF_TOKEN` reach it); output is captured as text, and a non-zero exit
+    raises `subprocess.CalledProcessError` with it."""
+    return subprocess.run(
+        [sys.executable, "-I", "-c", _HIDE_PACKAGE + code, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
 
 
 def main():
