@@ -1273,10 +1273,10 @@ ANSWER_MODES = ("teacher-forced", "generated")
 def image_batches(image_ids, batch_size: int) -> list[list[int]]:
     """Row indices in batches of at most `batch_size` rows that hold whole images, so that an image's tasks share its
     work: the images in order of their first row, each image's rows together (an image with more rows than
-    `batch_size` fills batches of its own). `None` ids are images of their own."""
+    `batch_size` fills batches of its own). `image_ids` holds one hashable id per row."""
     rows_of = defaultdict(list)
     for row, image in enumerate(image_ids):
-        rows_of[("row", row) if image is None else image].append(row)
+        rows_of[image].append(row)
     batches, current = [], []
     for rows in rows_of.values():
         for start in range(0, len(rows), batch_size):
@@ -1337,7 +1337,9 @@ def evaluate_rates(
         raise ValueError(f'selection must be "vltp" or "random", got {selection!r}.')
     model.eval()
     columns = dataset.column_names
-    image_ids = dataset["image_id"] if "image_id" in columns else [None] * len(dataset)
+    # A row without an image id is an image of its own.
+    ids = dataset["image_id"] if "image_id" in columns else [None] * len(dataset)
+    image_ids = [("row", row) if image is None else image for row, image in enumerate(ids)]
     rank, world = distributed_process()
     batches = image_batches(image_ids, batch_size)[rank::world]
     rows = [row for batch in batches for row in batch]
@@ -1365,7 +1367,7 @@ def evaluate_rates(
                 # A batch's rows of one image are consecutive, so `segment`'s results come back in row order.
                 per_image = defaultdict(list)
                 for row, image, task in zip(indices, batch["image"], batch["task"]):
-                    per_image[image_ids[row] if image_ids[row] is not None else ("row", row)].append((image, task))
+                    per_image[image_ids[row]].append((image, task))
                 images = [entries[0][0].convert("RGB") for entries in per_image.values()]
                 tasks = [[task for _, task in entries] for entries in per_image.values()]
                 for index, rates in enumerate(rates_list):

@@ -569,7 +569,7 @@ def test_generated_answers_decide_whether_there_is_a_mask(world, base_model, cap
 def test_image_batches_hold_whole_images():
     assert image_batches([5, 5, 7, 7, 7, 9], 4) == [[0, 1], [2, 3, 4, 5]]
     assert image_batches([1, 1, 1, 1, 1, 2], 2) == [[0, 1], [2, 3], [4, 5]]  # an image over the size: its own batches
-    assert image_batches([None, 3, None], 8) == [[0, 1, 2]] and image_batches([None, None], 1) == [[0], [1]]
+    assert image_batches(["b", "a", "b"], 8) == [[0, 2, 1]]  # an image's rows together, images by first row
 
 
 def test_evaluation_runs_each_images_work_once_and_matches_one_row_at_a_time(world, base_model, monkeypatch):
