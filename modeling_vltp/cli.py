@@ -179,12 +179,11 @@ def _load_model(name: str, device: str):
 
 def _device(requested: str | None) -> str:
     """The torch device: `--device`, else the one accelerate assigns this process (a GPU under `accelerate launch`
-    on a GPU machine, the CPU otherwise)."""
-    if requested is not None:
-        return requested
+    on a GPU machine, the CPU otherwise). Under `accelerate launch` this process joins the process group."""
     from accelerate import PartialState
 
-    return str(PartialState().device)
+    state = PartialState()
+    return requested if requested is not None else str(state.device)
 
 
 def _check_outputs(args) -> None:
@@ -309,7 +308,7 @@ def train_command(args) -> None:
 
 def eval_command(args) -> None:
     from .configuration_vltp import check_prune_rates
-    from .training import DataSettings, TrainingInputError, evaluate_rates, load_split
+    from .training import DataSettings, TrainingInputError, distributed_process, evaluate_rates, load_split
 
     data = DataSettings(
         format=args.data,
@@ -337,7 +336,8 @@ def eval_command(args) -> None:
         raise CommandError(str(error)) from None
     model, processor = _load_model(args.model, _device(args.device))
     results = evaluate_rates(model, processor, dataset, rates_list, batch_size=args.batch_size, answers=args.answers)
-
+    if distributed_process()[0] != 0:  # every process has the same results (see `evaluate_rates`): one table
+        return
     name = args.model.rstrip("/").split("/")[-1]
     split = f"{'RIO' if args.data == 'rio' else 'COCO-Tasks'} {args.split}"
     print(f"{split}: {len(dataset)} samples, model {args.model}, answers {args.answers}")

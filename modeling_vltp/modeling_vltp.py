@@ -846,7 +846,11 @@ class VLTPSamModel(VLTPPreTrainedModel):
         )
         image_embeddings = vision.last_hidden_state
         num_masks = image_embeddings.shape[0]
-        _, dense_embeddings = self.prompt_encoder(None, None, None, None)
+        # SAM's no-mask prompt, read through the embedding's own forward: offloading loads its weight only there.
+        no_mask = self.prompt_encoder.no_mask_embed(
+            torch.zeros(1, 1, 1, dtype=torch.long, device=image_embeddings.device)
+        )
+        dense_embeddings = no_mask.permute(0, 3, 1, 2).expand(-1, -1, *image_embeddings.shape[-2:])
         masks, iou_scores = self.mask_decoder(
             image_embeddings=image_embeddings,
             image_positional_embeddings=self.image_positional_embeddings(image_embeddings).to(image_embeddings.dtype),

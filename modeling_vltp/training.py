@@ -685,14 +685,22 @@ def train_stage1(config: TrainConfig, callbacks=None) -> TrainSummary:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def seg_embeddings_by_batch(model: VLTPForTaskSegmentation, dataset: Dataset, collator, batch_size: int, desc: str):
+def seg_embeddings_by_batch(
+    model: VLTPForTaskSegmentation, dataset: Dataset, collator, batch_size: int, desc: str, batches=None
+):
     """Batches of `dataset` as `collator` makes them (teacher-forced), each with the projected `[SEG]` states of its
-    LLaVA pass: yields (batch, embeddings (S, guidance_dim), the sample of each (S,)). A progress bar says `desc`."""
+    LLaVA pass: yields (batch, embeddings (S, guidance_dim), the sample of each (S,)). The batches are `batch_size`
+    rows in order, or the lists of row indices `batches`. A progress bar says `desc` (on process 0 only)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     device = model.device
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size, collate_fn=collator), desc=desc):
+    loader = (
+        DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+        if batches is None
+        else DataLoader(dataset, batch_sampler=batches, collate_fn=collator)
+    )
+    for batch in tqdm(loader, desc=desc, disable=distributed_process()[0] != 0):
         with torch.no_grad():
             _, seg_embeds, samples = model.seg_embeddings(
                 batch["input_ids"].to(device),
@@ -1147,11 +1155,43 @@ def _check_resume(config: TrainConfig, record: dict) -> None:
     config.resume_from_checkpoint = str(usable[-1])
 
 
+def check_engine(args: TrainingArguments) -> None:
+    """Refuse, in one line, a launch whose engine would not run, as accelerate falls back silently: FSDP asked
+    (`ACCELERATE_USE_FSDP`) where accelerate's state cannot become FSDP (it does only from a multi-accelerator DDP
+    state, never on CPUs), DeepSpeed asked (`ACCELERATE_USE_DEEPSPEED`) with `use_cpu` (which drops it), or several
+    processes launched (`WORLD_SIZE`) that the Trainer would not join in one gradient exchange."""
+    from accelerate.utils import DistributedType
+
+    args.device  # sets up `args.distributed_state`, as the Trainer will
+    kind, processes = args.distributed_state.distributed_type, args.world_size
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if kind is DistributedType.NO and launched > 1:
+        running = f"{launched} processes each training its own copy (distributed_type NO: no gradient exchange)"
+    else:
+        engine = "DDP over gloo" if kind is DistributedType.MULTI_CPU else f"distributed_type {kind.value}"
+        running = f"{engine} on {processes} process{'es' if processes > 1 else ''}"
+    asked = []
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (
+        not kind.name.startswith("MULTI_") or kind is DistributedType.MULTI_CPU
+    ):
+        asked.append("FSDP")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and args.use_cpu:
+        asked.append("DeepSpeed (use_cpu drops it)")
+    if launched > 1 and (processes != launched or kind is DistributedType.NO):
+        asked.append(f"{launched} processes exchanging gradients")
+    if asked:
+        raise TrainingInputError(
+            f"the launch asked for {' and '.join(asked)}, but {running} would run (docs/training.md, Engines)"
+        )
+
+
 def _start_run(config: TrainConfig, args: TrainingArguments, record: dict) -> Path:
-    """After every process has checked the config, the main process writes the run record into `output_dir` (a
-    resumed run keeps its own, with its list of complete checkpoints). Returns the record's path."""
+    """After every process has checked the config and the engine ([`check_engine`]), the main process writes the run
+    record into `output_dir` (a resumed run keeps its own, with its list of complete checkpoints). Returns the
+    record's path."""
     from accelerate import PartialState
 
+    check_engine(args)
     state = PartialState()
     state.wait_for_everyone()
     path = Path(config.output_dir) / RUN_RECORD
@@ -1229,6 +1269,42 @@ def random_token_selection(model: VLTPForTaskSegmentation | VLTPSamSegmenter, se
 ANSWER_MODES = ("teacher-forced", "generated")
 
 
+def image_batches(image_ids, batch_size: int) -> list[list[int]]:
+    """Row indices in batches of at most `batch_size` rows that hold whole images, so that an image's tasks share its
+    work: the images in order of their first row, each image's rows together (an image with more rows than
+    `batch_size` fills batches of its own). `image_ids` holds one hashable id per row."""
+    rows_of = defaultdict(list)
+    for row, image in enumerate(image_ids):
+        rows_of[image].append(row)
+    batches, current = [], []
+    for rows in rows_of.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            if len(current) + len(chunk) > batch_size:
+                batches.append(current)
+                current = []
+            current += chunk
+    return batches + [current] if current else batches
+
+
+def distributed_process() -> tuple[int, int]:
+    """(rank, number of processes) of the torch.distributed group (`accelerate launch`, `torchrun`), else (0, 1)."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather(value) -> list:
+    """`value` of every process, in rank order."""
+    import torch.distributed as dist
+
+    if distributed_process()[1] == 1:
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def evaluate_rates(
     model: VLTPForTaskSegmentation,
     processor: VLTPProcessor,
@@ -1242,48 +1318,82 @@ def evaluate_rates(
     """Evaluation of `model` on `dataset` at each entry of `rates_list` (one rate per pruning stage). Returns per entry
     `prune_rates`, `gIoU`, `cIoU`, `mIoU_tasks`, `gmacs` (the ViT's, see [`vision_gmacs`]) and `answers`.
 
-    `answers="teacher-forced"` (LISA's protocol) forces LISA's validation answer "Sure, [SEG].": LLaVA runs once per
-    batch, SAM once per rate, and every sample gets a mask. `answers="generated"` lets the model answer
-    ([`VLTPForTaskSegmentation.segment`], once per batch and rate): an answer without `[SEG]` predicts an empty mask,
-    which an empty target credits. Then `nothing_on_empty` is also given: the share of empty targets answered
-    without `[SEG]` (`None` when no target is empty). `selection="random"` keeps random tokens instead of the prune
-    decoder's (see [`random_token_selection`], seeded by `seed`), for the paper's random-pruning baseline."""
+    Batches of at most `batch_size` rows hold whole images ([`image_batches`], by `image_id`), so that each image's
+    tasks share its work. `answers="teacher-forced"` (LISA's protocol) forces LISA's validation answer
+    "Sure, [SEG].": LLaVA runs once per batch, SAM once per rate with its dense layers once per image, and every
+    sample gets a mask. `answers="generated"` lets the model answer ([`VLTPForTaskSegmentation.segment`], once per
+    batch and rate, sharing each image's work): an answer without `[SEG]` predicts an empty mask, which an empty
+    target credits. Then `nothing_on_empty` is also given: the share of empty targets answered without `[SEG]`
+    (`None` when no target is empty). `selection="random"` keeps random tokens instead of the prune decoder's (see
+    [`random_token_selection`], seeded by `seed`), for the paper's random-pruning baseline.
+
+    Under `accelerate launch` or `torchrun` (a torch.distributed group), process r evaluates every r-th batch; the
+    per-sample pixel counts of all processes are gathered and every process returns the same metrics, equal to one
+    process's (the batches are the same; random selection's draws excepted). A progress bar shows on process 0."""
     if answers not in ANSWER_MODES:
         raise ValueError(f"answers must be one of {ANSWER_MODES}, got {answers!r}")
     if selection not in ("vltp", "random"):
         raise ValueError(f'selection must be "vltp" or "random", got {selection!r}.')
     model.eval()
-    overlaps, task_ids, nothing_on_empty = defaultdict(list), [], defaultdict(list)
+    columns = dataset.column_names
+    # A row without an image id is an image of its own.
+    ids = dataset["image_id"] if "image_id" in columns else [None] * len(dataset)
+    image_ids = [("row", row) if image is None else image for row, image in enumerate(ids)]
+    rank, world = distributed_process()
+    batches = image_batches(image_ids, batch_size)[rank::world]
+    rows = [row for batch in batches for row in batch]
+    overlaps, nothing = defaultdict(list), defaultdict(list)
     selecting = random_token_selection(model, seed) if selection == "random" else contextlib.nullcontext()
     with selecting:
         if answers == "teacher-forced":
             collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
-            for batch, seg, samples in seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating"):
-                pixels = batch["sam_pixel_values"].to(model.device, model.dtype)[samples.to(model.device)]
+            evaluated = seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating", batches)
+            for indices, (batch, seg, samples) in zip(batches, evaluated):
+                pixels = batch["sam_pixel_values"].to(model.device, model.dtype)
+                images = [image_ids[row] for row in indices]
+                # Each guidance reads the pixels of its image's first row in the batch.
+                first_row = torch.tensor([images.index(image) for image in images], device=model.device)
                 for index, rates in enumerate(rates_list):
                     with torch.no_grad():
-                        pred_masks, _, _ = model.decode_masks(pixels, seg, rates)
+                        pred_masks, _, _ = model._decode_by_image(pixels, seg, first_row[samples], rates)
                     overlaps[index].append(mask_overlaps(processor, pred_masks, samples, batch))
-                task_ids.append(batch["task_ids"])
         else:
-            for start in range(0, len(dataset), batch_size):
-                rows = dataset[start : start + batch_size]
-                targets = [np.asarray(mask, dtype=bool) for mask in rows["mask"]]
-                images = [image.convert("RGB") for image in rows["image"]]
+            from tqdm.auto import tqdm
+
+            for indices in tqdm(batches, desc="evaluating", disable=rank != 0):
+                batch = dataset[indices]
+                targets = [np.asarray(mask, dtype=bool) for mask in batch["mask"]]
+                # A batch's rows of one image are consecutive, so `segment`'s results come back in row order.
+                per_image = defaultdict(list)
+                for row, image, task in zip(indices, batch["image"], batch["task"]):
+                    per_image[image_ids[row]].append((image, task))
+                images = [entries[0][0].convert("RGB") for entries in per_image.values()]
+                tasks = [[task for _, task in entries] for entries in per_image.values()]
                 for index, rates in enumerate(rates_list):
-                    results = model.segment(images, list(rows["task"]), processor, prune_rates=rates)
+                    results = model.segment(images, tasks, processor, prune_rates=rates, max_batch_rows=batch_size)
                     overlaps[index].append(_overlaps([result.mask.numpy() for result in results], targets))
-                    nothing_on_empty[index] += [not r.seg_found for r, t in zip(results, targets) if not t.any()]
-                task_ids.append(torch.tensor(rows.get("task_id", [-1] * len(targets))))
-    task_ids = torch.cat(task_ids).numpy()
+                    nothing[index] += [None if t.any() else not r.seg_found for r, t in zip(results, targets)]
+    local = {
+        "rows": rows,
+        "counts": [
+            torch.cat(overlaps[index]) if rows else torch.zeros(0, 2, dtype=torch.int64)
+            for index in range(len(rates_list))
+        ],
+        "nothing": [nothing[index] for index in range(len(rates_list))],
+    }
+    shards = _gather(local)
+    order = np.argsort(np.concatenate([shard["rows"] for shard in shards]), kind="stable")
+    if len(order) != len(dataset):
+        raise RuntimeError(f"evaluated {len(order)} of {len(dataset)} samples: the processes' shards do not add up")
+    task_ids = np.asarray(dataset["task_id"] if "task_id" in columns else [-1] * len(dataset))
     results = []
     for index, rates in enumerate(rates_list):
-        counts = torch.cat(overlaps[index]).numpy()
+        counts = torch.cat([shard["counts"][index] for shard in shards]).numpy()[order]
         scores = tos_metrics_from_counts(counts[:, 0], counts[:, 1], task_ids)
         gmacs = vision_gmacs(model.config.vision_config, rates)
         results.append({"prune_rates": list(rates), **scores, "gmacs": gmacs, "answers": answers})
         if answers == "generated":
-            empty = nothing_on_empty[index]
+            empty = [flag for shard in shards for flag in shard["nothing"][index] if flag is not None]
             results[-1]["nothing_on_empty"] = sum(empty) / len(empty) if empty else None
     return results
 
@@ -1300,8 +1410,11 @@ __all__ = [
     "VLTPTrainer",
     "build_seg_cache",
     "check_config",
+    "check_engine",
     "data_fingerprint",
+    "distributed_process",
     "evaluate_rates",
+    "image_batches",
     "load_seg_cache",
     "load_split",
     "mask_overlaps",

@@ -6,6 +6,10 @@ distributed_run.py fsdp2 STAGE:MODEL:DATA:OUT.safetensors [...] [--steps N]
     The Trainer's training step in a plain loop, with the model sharded by torch's `fully_shard` (accelerate
     cannot run FSDP on a CPU), for each job in turn; under `torchrun`, one sample per process and step. DATA is
     the RIO folder (stage 1) or the `[SEG]` cache (stage 2).
+distributed_run.py eval MODEL WORLD OUT.json
+    `evaluate_rates` on the RIO world's train split, teacher-forced at rates 0 and 0.5 and generated at 0.5, 3 rows
+    per batch; process 0 writes the results to OUT.json, every process the rows LLaVA read to OUT.json.rankR; then
+    `vltp eval` on the same split.
 """
 
 import argparse
@@ -159,6 +163,33 @@ def run_fsdp2(jobs, steps: int) -> int:
     return 0
 
 
+def run_eval(model_dir: str, world: str, out: str) -> int:
+    from accelerate import PartialState
+
+    from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
+    from modeling_vltp.cli import main
+    from modeling_vltp.data import load_rio
+    from modeling_vltp.training import distributed_process, evaluate_rates
+
+    # Joins the gloo group, which evaluation uses; on CPUs this state itself says one process (the config's
+    # `use_cpu` reaches only the Trainer's state), so the rank comes from torch.distributed.
+    PartialState()
+    torch.set_num_threads(1)
+    model = VLTPForTaskSegmentation.from_pretrained(model_dir)
+    processor = VLTPProcessor.from_pretrained(model_dir)
+    dataset = load_rio(world, world, "train")
+    rows, seg_embeddings = [], model.seg_embeddings
+    model.seg_embeddings = lambda input_ids, *a, **k: rows.append(len(input_ids)) or seg_embeddings(input_ids, *a, **k)
+    results = evaluate_rates(model, processor, dataset, [[0.0], [0.5]], batch_size=3)
+    results += evaluate_rates(model, processor, dataset, [[0.5]], batch_size=3, answers="generated")
+    rank = distributed_process()[0]
+    Path(f"{out}.rank{rank}").write_text(json.dumps(rows))
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    arguments = ["--data", "rio", "--annotations", world, "--images", world, "--split", "train"]
+    return main(["eval", *arguments, "--model", model_dir, "--sweep-rates", "0,0.5", "--batch-size", "3"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +199,10 @@ def main(argv=None) -> int:
     fsdp2 = commands.add_parser("fsdp2")
     fsdp2.add_argument("jobs", nargs="+", help="STAGE:MODEL:DATA:OUT.safetensors")
     fsdp2.add_argument("--steps", type=int, default=2)
+    evaluation = commands.add_parser("eval")
+    evaluation.add_argument("model")
+    evaluation.add_argument("world")
+    evaluation.add_argument("out")
     parser.add_argument(
         "--hang-timeout", type=float, default=240, help="dump every thread's stack and exit after this"
     )
@@ -175,6 +210,8 @@ def main(argv=None) -> int:
     faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
     if args.command == "train":
         return run_configs(args.runs, args.peft_token_rows_on_cpu)
+    if args.command == "eval":
+        return run_eval(args.model, args.world, args.out)
     return run_fsdp2(args.jobs, args.steps)
 
 

@@ -20,9 +20,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from modeling_vltp.data import synthetic
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
+from modeling_vltp.data import load_rio, synthetic
 from modeling_vltp.testing import tiny_model_and_processor
-from modeling_vltp.training import TrainConfig, load_seg_cache, train
+from modeling_vltp.training import TrainConfig, TrainingInputError, evaluate_rates, load_seg_cache, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_run import ADAM_EPSILON, ANSWER, LEARNING_RATE, train_loop, wrap_classes  # noqa: E402
@@ -115,7 +116,8 @@ def accelerate_config(name: str, path: Path) -> Path:
     return path
 
 
-def launch(command: list[str], what: str) -> str:
+def launch(command: list[str], what: str, succeed: bool = True) -> str:
+    """The launch's standard output; with `succeed=False` it must fail, and its standard error is returned."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     try:
         result = subprocess.run(
@@ -123,8 +125,8 @@ def launch(command: list[str], what: str) -> str:
         )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{what} did not finish in {LAUNCH_TIMEOUT} s: {str(error.stderr)[-3000:]}")
-    assert result.returncode == 0, f"{what} failed:\n{result.stdout[-2000:]}\n{result.stderr[-5000:]}"
-    return result.stdout
+    assert (result.returncode == 0) == succeed, f"{what}: exit {result.returncode}:\n{result.stderr[-5000:]}"
+    return result.stdout if succeed else result.stderr
 
 
 # engine: (example config, `training:` settings, helper options). DeepSpeed on CPUs: without `ddp_backend: gloo`
@@ -222,3 +224,54 @@ def test_fsdp2_sharded_training_matches_one_process(stage, fsdp2_run, root, refe
     assert len(wrap_classes(stage)) == (4 if stage == 1 else 2)
     assert facts["layers"] >= (8 if stage == 1 else 5), facts  # tiny system: 2 Llama + 2 CLIP + 4 SAM layers, ...
     assert 0.45 < facts["local_share"] < 0.55, facts
+
+
+def test_evaluation_is_data_parallel_and_gives_one_process_metrics(root):
+    """`accelerate launch` (DDP config, 2 processes): each process evaluates one of the 2 images (batches of 3 rows
+    hold whole images), the pixel counts are gathered, and the metrics equal one process's exactly (the batches are
+    the same, so are their computations); `vltp eval` prints one table."""
+    out = root / "eval"
+    out.mkdir()
+    config = accelerate_config("ddp.yaml", out / "accelerate.yaml")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(HELPER)]
+    command += ["--hang-timeout", str(HANG_TIMEOUT), "eval", str(root / "base"), str(root / "world"), str(out / "r")]
+    printed = launch(command, "eval")
+    assert [json.loads((out / f"r.rank{rank}").read_text()) for rank in (0, 1)] == [[3], [3]]
+    model = VLTPForTaskSegmentation.from_pretrained(root / "base")
+    processor = VLTPProcessor.from_pretrained(root / "base")
+    dataset = load_rio(str(root / "world"), str(root / "world"), "train")
+    expected = evaluate_rates(model, processor, dataset, [[0.0], [0.5]], batch_size=3)
+    expected += evaluate_rates(model, processor, dataset, [[0.5]], batch_size=3, answers="generated")
+    assert json.loads((out / "r").read_text()) == json.loads(json.dumps(expected))
+    assert printed.count("RIO train: 6 samples") == 1 and printed.count("pruning rate") == 1, printed
+
+
+def test_a_launch_whose_engine_would_not_run_is_refused_before_anything_is_written(root, tmp_path, monkeypatch):
+    """On CPUs accelerate never runs FSDP. One process with the variable `accelerate launch` sets for an FSDP config
+    (as it sets it for one process): accelerate's own state is not FSDP, and training refuses. Two processes from the
+    shipped FSDP config without `use_cpu` (gloo): the Trainer would see one process and no gradient exchange while
+    two train; both refuse."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    config = settings(root, 1, root / "base", tmp_path / "out", 1, use_cpu=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert Accelerator(cpu=True).state.distributed_type is not DistributedType.FSDP
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(TrainingInputError, match=r"^the launch asked for FSDP, but distributed_type NO on 1 process"):
+        train(TrainConfig.from_dict(config, stage=1))
+    assert not (tmp_path / "out").exists()
+
+    path = accelerate_config("fsdp_stage1.yaml", tmp_path / "accelerate.yaml")
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "use_cpu": False}))
+    config = settings(root, 1, root / "base", tmp_path / "out", 1, use_cpu=False, ddp_backend="gloo")
+    (tmp_path / "stage1.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), str(HELPER)]
+    errors = launch([*command, "train", f"1:{tmp_path / 'stage1.yaml'}"], "fsdp on gloo", succeed=False)
+    refusal = (
+        "vltp: error: the launch asked for FSDP and 2 processes exchanging gradients, but 2 processes each training "
+        "its own copy (distributed_type NO: no gradient exchange) would run"
+    )
+    assert errors.count(refusal) == 2, errors[-3000:]
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,7 @@ from modeling_vltp.training import (
     TrainConfig,
     VLTPTrainer,
     evaluate_rates,
+    image_batches,
     load_seg_cache,
     mask_overlaps,
     merge_stage1,
@@ -563,6 +564,43 @@ def test_generated_answers_decide_whether_there_is_a_mask(world, base_model, cap
     lines = capsys.readouterr().out.splitlines()
     assert status == 0 and lines[0].endswith("answers generated")
     assert lines[1].endswith("empty targets answered nothing (%)") and len(lines[2].split()) == 6
+
+
+def test_image_batches_hold_whole_images():
+    assert image_batches([5, 5, 7, 7, 7, 9], 4) == [[0, 1], [2, 3, 4, 5]]
+    assert image_batches([1, 1, 1, 1, 1, 2], 2) == [[0, 1], [2, 3], [4, 5]]  # an image over the size: its own batches
+    assert image_batches(["b", "a", "b"], 8) == [[0, 2, 1]]  # an image's rows together, images by first row
+
+
+def test_evaluation_runs_each_images_work_once_and_matches_one_row_at_a_time(world, base_model, monkeypatch):
+    """Teacher-forced, SAM's ViT sees each image once per rate (its dense prefix is shared by the image's tasks) and
+    the metrics equal those of batches of one row, which share nothing: the rows' LLaVA passes and the pruned stages
+    are the same computations. Generated, `segment` gets each image once with all its tasks."""
+    model = VLTPForTaskSegmentation.from_pretrained(base_model)
+    processor = VLTPProcessor.from_pretrained(base_model)
+    dataset = load_rio(str(world), str(world), "common")  # 2 images, 3 tasks each
+    seen, encode = [], model.vision_model.forward
+    monkeypatch.setattr(
+        model.vision_model, "forward", lambda pixels, **kw: seen.append(len(pixels)) or encode(pixels, **kw)
+    )
+    shared = evaluate_rates(model, processor, dataset, [[0.0], [0.5]], batch_size=6)
+    assert seen == [2, 2]
+    seen.clear()
+    alone = evaluate_rates(model, processor, dataset, [[0.0], [0.5]], batch_size=1)
+    assert seen == [1] * 12
+    # Batches of one row pad the prompts differently, which could move logits by float rounding; none was seen.
+    for one, other in zip(shared, alone):
+        assert one["gIoU"] == pytest.approx(other["gIoU"], abs=1e-6) and one["cIoU"] == pytest.approx(
+            other["cIoU"], abs=1e-6
+        )
+
+    calls, segment = [], model.segment
+    monkeypatch.setattr(
+        model, "segment", lambda images, tasks, *a, **kw: calls.append(tasks) or segment(images, tasks, *a, **kw)
+    )
+    evaluate_rates(model, processor, dataset, [[0.5]], batch_size=4, answers="generated")
+    tasks = list(dataset["task"])
+    assert calls == [[tasks[0:3]], [tasks[3:6]]]
 
 
 def _rio_without_masks(world: Path, target: Path) -> Path:

@@ -1,0 +1,80 @@
+"""Offloaded inference: the demo model (trained on the synthetic world, so it answers with `[SEG]` and SAM runs)
+loaded with parts on the CPU and parts offloaded to disk, through accelerate's hooks, segments as the plain model."""
+
+import pytest
+import torch
+
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
+from modeling_vltp.cli import DEMO_MODEL_DIR
+from modeling_vltp.data import load_rio, synthetic
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """2 images of the synthetic world with their 3 tasks each, and the plain demo model with its processor."""
+    root = tmp_path_factory.mktemp("offload")
+    synthetic.generate(root, num_images=2, seed=3, image_size=64, format="rio", split="common")
+    rows = load_rio(str(root), str(root), "common")
+    images = [rows[i]["image"].convert("RGB") for i in (0, 3)]
+    tasks = [list(rows["task"][0:3]), list(rows["task"][3:6])]
+    model = VLTPForTaskSegmentation.from_pretrained(DEMO_MODEL_DIR).eval()
+    return images, tasks, model, VLTPProcessor.from_pretrained(DEMO_MODEL_DIR)
+
+
+# Offloaded to disk: LLaVA's language model and the SAM side but SAM's mask decoder, whose forward (transformers'
+# `SamMaskDecoder`) reads its token embeddings' weights outside their own modules, which an offloaded decoder then
+# leaves on the meta device (see `test_an_offloaded_mask_decoder_fails_in_transformers`).
+ON_DISK = ("llava.model.language_model", "llava.lm_head", "text_hidden_fcs", "vision_model", "prompt_encoder")
+ON_CPU = ("llava.model.vision_tower", "llava.model.multi_modal_projector", "shared_image_embedding", "mask_decoder")
+
+
+def offloaded(folder, dtype=torch.float32, on_disk=ON_DISK, on_cpu=ON_CPU):
+    """The demo model with `on_disk` offloaded to disk (loaded by accelerate's hooks for each forward)."""
+    device_map = {**dict.fromkeys(on_disk, "disk"), **dict.fromkeys(on_cpu, "cpu")}
+    model = VLTPForTaskSegmentation.from_pretrained(
+        DEMO_MODEL_DIR, device_map=device_map, max_memory={"cpu": "1GiB"}, offload_folder=str(folder), dtype=dtype
+    )
+    assert model.llava.lm_head.weight.device.type == "meta"  # offloaded, loaded only inside its forward
+    return model.eval()
+
+
+def pixels_equal(results, expected) -> float:
+    masks = torch.cat([r.mask.flatten() for r in results])
+    return (masks == torch.cat([e.mask.flatten() for e in expected])).float().mean().item()
+
+
+@pytest.mark.parametrize("rates", [[0.0], [0.5]])
+def test_offloaded_segment_gives_the_plain_models_masks(inputs, tmp_path, rates):
+    """Same weights and the same computations in the same order (accelerate's hooks only load each part before its
+    forward): measured, every pixel and every score equal. The test allows what float rounding could change on
+    another CPU: 0.1% of pixels (logits on the threshold) and 1e-5 on scores (about 1e-7 relative, a few float32
+    ulps of a score in (0, 1])."""
+    images, tasks, model, processor = inputs
+    expected = model.segment(images, tasks, processor, prune_rates=rates)
+    assert all(e.seg_found for e in expected)  # SAM ran for every task
+    results = offloaded(tmp_path / "offload").segment(images, tasks, processor, prune_rates=rates)
+    assert [r.text for r in results] == [e.text for e in expected]
+    assert pixels_equal(results, expected) >= 0.999
+    torch.testing.assert_close(
+        torch.tensor([r.score for r in results]), torch.tensor([e.score for e in expected]), rtol=0, atol=1e-5
+    )
+
+
+def test_offloaded_bf16_segment_agrees_with_float32(inputs, tmp_path):
+    """bf16 keeps 8 bits of mantissa, so mask logits near the threshold flip sign: measured 99.46% of pixels equal
+    (6 tasks on 2 images, rate 0.5; issue 14 saw 99.27% with another model); at least 99%."""
+    images, tasks, model, processor = inputs
+    expected = model.segment(images, tasks, processor, prune_rates=[0.5])
+    results = offloaded(tmp_path / "offload", torch.bfloat16).segment(images, tasks, processor, prune_rates=[0.5])
+    assert all(r.seg_found for r in results)
+    assert pixels_equal(results, expected) >= 0.99
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="SamMaskDecoder reads child weights in its own forward")
+def test_an_offloaded_mask_decoder_fails_in_transformers(inputs, tmp_path):
+    images, tasks, _, processor = inputs
+    on_cpu = tuple(name for name in ON_CPU if name != "mask_decoder")
+    model = offloaded(tmp_path / "offload", on_disk=(*ON_DISK, "mask_decoder"), on_cpu=on_cpu)
+    model.segment(images[:1], tasks[:1], processor)
