@@ -1252,7 +1252,7 @@ class _RandomTokenScores(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def random_token_selection(model: VLTPForTaskSegmentation | VLTPSamSegmenter, seed: int = 0):
+def random_token_selection(model: VLTPSamModel, seed: int = 0):
     """Within the block, every pruning stage of `model`'s ViT keeps a uniformly random set of tokens (as many as the
     rate says) instead of the prune decoder's choice: the paper's "Random" baseline (Table 7). The random draws are
     seeded by `seed`; the prune decoder is put back on exit."""

@@ -82,7 +82,9 @@ def settings(root: Path, stage: int, model: Path, output: Path, batch: int, **tr
         },
     }
     if stage == 1:
-        config.update(lora={"dropout": 0.0}, answers=[ANSWER])
+        # One answer for every row, empty targets too, so that the LM loss averages the same tokens whether a batch is
+        # split over processes or not (answers of different lengths weigh tokens differently per process).
+        config.update(lora={"dropout": 0.0}, answers=[ANSWER], empty_targets="seg")
     else:
         config.update(prune_rates=[0.5], seg_cache=str(output.parent / "seg_cache"))
     return config

@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import EvalPrediction, LlavaForConditionalGeneration, TrainerCallback, TrainingArguments
 
-from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor, VLTPSamSegmenter, vision_gmacs
+from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor, VLTPSamModel, vision_gmacs
 from modeling_vltp.cli import main
 from modeling_vltp.data import NO_TARGET_ANSWERS, VLTPDataCollator, load_rio, synthetic
 from modeling_vltp.metrics import compute_tos_metrics
@@ -461,7 +461,7 @@ def test_the_trainers_loss_is_the_models_weighted_loss_with_every_part(tmp_path,
     if stage == 1:
         losses, outputs = STAGE1_LOSSES, model(**batch, prune_rates=[0.0])
     else:
-        segmenter = VLTPSamSegmenter(model.config)
+        segmenter = VLTPSamModel(model.config)
         seg_embeds = torch.randn(2, model.config.vision_config.guidance_dim)
         losses = STAGE2_LOSSES
         outputs = segmenter(batch["sam_pixel_values"], seg_embeds, batch["masks"], batch["reshaped_input_sizes"])
