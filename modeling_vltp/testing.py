@@ -96,17 +96,14 @@ def tiny_processor(sam_image_size: int = 128, clip_image_size: int = 32, clip_pa
     )
 
 
-def tiny_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
-    """A [`VLTPConfig`] of a few hundred thousand parameters matching [`tiny_processor`]: a 2-layer CLIP at 32 px and
-    a 2-layer Llama for LLaVA, and a 4-layer SAM ViT at 128 px (8x8 tokens in 3x3 windows, so the window grid is padded
-    as SAM's is) pruned after layer 2 at rate 0.5."""
-    processor = processor or tiny_processor()
-    width = 32
-    llava_config = LlavaConfig(
+def tiny_llava_config(vocab_size: int, image_token_id: int, image_seq_length: int = 16, **text_config) -> LlavaConfig:
+    """A random-weight-sized [`LlavaConfig`]: a 2-layer 32-wide CLIP at 32 px (16 image tokens) and a 2-layer 64-wide
+    Llama; `text_config` adds fields of the Llama config (e.g. special token ids)."""
+    return LlavaConfig(
         vision_config={
             "model_type": "clip_vision_model",
-            "hidden_size": width,
-            "intermediate_size": 2 * width,
+            "hidden_size": 32,
+            "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "image_size": 32,
@@ -114,19 +111,53 @@ def tiny_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
         },
         text_config={
             "model_type": "llama",
-            "hidden_size": 2 * width,
-            "intermediate_size": 4 * width,
+            "hidden_size": 64,
+            "intermediate_size": 128,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
-            "vocab_size": len(processor.tokenizer),
+            "vocab_size": vocab_size,
             "max_position_embeddings": 256,
-            "bos_token_id": processor.tokenizer.bos_token_id,
-            "eos_token_id": processor.tokenizer.eos_token_id,
-            "pad_token_id": processor.tokenizer.pad_token_id,
+            **text_config,
         },
-        image_token_index=processor.image_token_id,
-        image_seq_length=processor.num_image_tokens,
+        image_token_index=image_token_id,
+        image_seq_length=image_seq_length,
+    )
+
+
+def _sam_decoder_configs(width: int, vision_config: VLTPVisionConfig) -> dict:
+    """SAM's prompt encoder and a 2-layer mask decoder of width `width` for the ViT of `vision_config`."""
+    return {
+        "prompt_encoder_config": {
+            "hidden_size": width,
+            "image_size": vision_config.image_size,
+            "patch_size": vision_config.patch_size,
+            "mask_input_channels": 8,
+        },
+        "mask_decoder_config": {
+            "hidden_size": width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "mlp_dim": 2 * width,
+            "iou_head_hidden_dim": width,
+        },
+    }
+
+
+def tiny_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
+    """A [`VLTPConfig`] of a few hundred thousand parameters matching [`tiny_processor`]: a 2-layer CLIP at 32 px and
+    a 2-layer Llama for LLaVA, and a 4-layer SAM ViT at 128 px (8x8 tokens in 3x3 windows, so the window grid is padded
+    as SAM's is) pruned after layer 2 at rate 0.5."""
+    processor = processor or tiny_processor()
+    width = 32
+    tokenizer = processor.tokenizer
+    llava_config = tiny_llava_config(
+        len(tokenizer),
+        processor.image_token_id,
+        processor.num_image_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     vision_config = VLTPVisionConfig(
         hidden_size=width,
@@ -149,19 +180,7 @@ def tiny_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
     return VLTPConfig(
         llava_config=llava_config,
         vision_config=vision_config,
-        prompt_encoder_config={
-            "hidden_size": width,
-            "image_size": vision_config.image_size,
-            "patch_size": 16,
-            "mask_input_channels": 8,
-        },
-        mask_decoder_config={
-            "hidden_size": width,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "mlp_dim": 2 * width,
-            "iou_head_hidden_dim": width,
-        },
+        **_sam_decoder_configs(width, vision_config),
         seg_token_id=processor.seg_token_id,
     )
 
@@ -210,19 +229,7 @@ def small_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
     return VLTPConfig(
         llava_config=tiny.llava_config,
         vision_config=vision_config,
-        prompt_encoder_config={
-            "hidden_size": mask_width,
-            "image_size": vision_config.image_size,
-            "patch_size": vision_config.patch_size,
-            "mask_input_channels": 8,
-        },
-        mask_decoder_config={
-            "hidden_size": mask_width,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "mlp_dim": 2 * mask_width,
-            "iou_head_hidden_dim": mask_width,
-        },
+        **_sam_decoder_configs(mask_width, vision_config),
         seg_token_id=tiny.seg_token_id,
     )
 

@@ -28,7 +28,6 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedModel,
@@ -50,7 +49,7 @@ from modeling_vltp.conversion import (
     segment_anything_outputs,
 )
 from modeling_vltp.modeling_vltp import MAX_SHARD_SIZE
-from modeling_vltp.testing import tiny_model_and_processor
+from modeling_vltp.testing import tiny_llava_config, tiny_model_and_processor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIED_KEY = "prompt_encoder.shared_embedding.positional_embedding"  # saved once, as shared_image_embedding
@@ -68,32 +67,6 @@ def word_tokenizer(added_special: list[str], added: list[str] = ()) -> PreTraine
     tokenizer.add_tokens(list(added))
     tokenizer.add_tokens(list(added_special), special_tokens=True)
     return tokenizer
-
-
-def tiny_llava_config(vocab_size: int, image_token_id: int) -> LlavaConfig:
-    return LlavaConfig(
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        text_config={
-            "model_type": "llama",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": vocab_size,
-            "max_position_embeddings": 256,
-        },
-        image_token_id=image_token_id,
-        image_seq_length=16,
-    )
 
 
 @pytest.fixture
