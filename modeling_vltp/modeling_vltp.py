@@ -19,6 +19,7 @@ How pruning runs inside SAM's ViT (paper Sec. 4.2-4.4):
 - After the last layer every token is merged back into the grid and SAM's neck runs on the full grid.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -752,6 +753,27 @@ _LLAVA_FORWARD_KWARGS = frozenset(
 )
 
 
+@contextlib.contextmanager
+def _offloaded_weights_loaded(module: nn.Module):
+    """Loads the weights accelerate offloaded in `module` and its submodules for the whole block, and offloads them
+    again after it: transformers' `SamMaskDecoder.forward` reads `iou_token.weight` and `mask_tokens.weight` without
+    calling those modules, so their own offload hooks would never load them. The hooks (an `AlignDevicesHook` with
+    `offload=True`, possibly inside a `SequentialHook`) are duck-typed: this file imports only torch and
+    transformers. Without offloading this does nothing."""
+    hooked = []
+    for submodule in module.modules():
+        hook = getattr(submodule, "_hf_hook", None)
+        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            hooked.append((submodule, hook))
+    for submodule, hook in hooked:
+        hook.pre_forward(submodule)
+    try:
+        yield
+    finally:
+        for submodule, hook in hooked:
+            hook.post_forward(submodule, None)
+
+
 class VLTPSamModel(VLTPPreTrainedModel):
     """SAM's side of VLTP in `SamModel`'s layout: the pruned ViT (`vision_model`, a [`VLTPSamVisionModel`]),
     `shared_image_embedding`, `prompt_encoder` and `mask_decoder`, prompted by projected `[SEG]` embeddings, which
@@ -851,13 +873,15 @@ class VLTPSamModel(VLTPPreTrainedModel):
             torch.zeros(1, 1, 1, dtype=torch.long, device=image_embeddings.device)
         )
         dense_embeddings = no_mask.permute(0, 3, 1, 2).expand(-1, -1, *image_embeddings.shape[-2:])
-        masks, iou_scores = self.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_positional_embeddings=self.image_positional_embeddings(image_embeddings).to(image_embeddings.dtype),
-            sparse_prompt_embeddings=seg_embeds[:, None, None, :].to(image_embeddings.dtype),
-            dense_prompt_embeddings=dense_embeddings.to(image_embeddings.dtype).expand(num_masks, -1, -1, -1),
-            multimask_output=False,
-        )
+        positional = self.image_positional_embeddings(image_embeddings).to(image_embeddings.dtype)
+        with _offloaded_weights_loaded(self.mask_decoder):
+            masks, iou_scores = self.mask_decoder(
+                image_embeddings=image_embeddings,
+                image_positional_embeddings=positional,
+                sparse_prompt_embeddings=seg_embeds[:, None, None, :].to(image_embeddings.dtype),
+                dense_prompt_embeddings=dense_embeddings.to(image_embeddings.dtype).expand(num_masks, -1, -1, -1),
+                multimask_output=False,
+            )
         return masks[:, 0, 0], iou_scores[:, 0, 0], vision
 
     def _decode_by_image(self, sam_pixel_values, seg_embeds, image_indices, prune_rates=None, share: bool = True):
