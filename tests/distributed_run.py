@@ -65,12 +65,16 @@ def wrap_classes(stage: int) -> tuple[str, ...]:
 
 
 def shard(model, stage: int) -> int:
-    """`fully_shard` every layer of the stage's wrap list (subclasses included), then the whole model. Returns the
-    number of layers sharded on their own."""
+    """`fully_shard` every layer of the stage's wrap list, then the whole model. Returns the number of layers sharded
+    on their own. Classes match by exact name, as accelerate matches them: every listed class must be in the model."""
     from torch.distributed.fsdp import fully_shard
 
     names = wrap_classes(stage)
-    layers = [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
+    present = {type(module).__name__ for module in model.modules()}
+    missing = sorted(set(names) - present)
+    if missing:
+        raise ValueError(f"fsdp_stage{stage}.yaml wraps {missing}, which the model does not contain")
+    layers = [module for module in model.modules() if type(module).__name__ in names]
     for layer in layers:
         fully_shard(layer)
     fully_shard(model)
@@ -81,7 +85,7 @@ def build(stage: int, model_dir: str):
     """The model and what trains in it, as `train_stage1` / `train_stage2` set them up (stage 2 at rate 0.5)."""
     from transformers import set_seed
 
-    from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor, VLTPSamSegmenter
+    from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor, VLTPSamModel
     from modeling_vltp.training import LoraSettings, prepare_stage1_model
 
     processor = VLTPProcessor.from_pretrained(model_dir)
@@ -91,7 +95,7 @@ def build(stage: int, model_dir: str):
         model = prepare_stage1_model(model, processor, LoraSettings(dropout=0.0))
         return model, processor, model.get_base_model().config
     set_seed(42)
-    model = VLTPSamSegmenter.from_pretrained(model_dir)
+    model = VLTPSamModel.from_pretrained(model_dir)
     model.requires_grad_(False)
     model.vision_model.prune_decoder.requires_grad_(True)
     model.mask_decoder.requires_grad_(True)
