@@ -10,9 +10,9 @@ from transformers import CLIPImageProcessorPil, LlavaConfig, PreTrainedTokenizer
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig
 from .data.coco_tasks import COCO_TASKS_NAMES
+from .data.collator import LISA_ANSWERS
 from .modeling_vltp import VLTPForTaskSegmentation
 from .processing_vltp import (
-    DEFAULT_ANSWER,
     DEFAULT_PROMPT_TEMPLATE,
     DEFAULT_QUESTION_TEMPLATE,
     VLTPProcessor,
@@ -26,12 +26,11 @@ TINY_VOCAB_SIZE = 500
 # task-oriented queries (the 14 tasks of COCO-Tasks as VLTP phrases them, two in the style of RIO), plus LISA's other
 # question forms. Any other text still tokenises, byte by byte.
 _TASKS = [*COCO_TASKS_NAMES, "cut the food on the table", "hold the hot soup"]
-_ANSWERS = [DEFAULT_ANSWER, "It is [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].", "[SEG]."]
 _CORPUS = [
     DEFAULT_PROMPT_TEMPLATE.format(question=DEFAULT_QUESTION_TEMPLATE.format(task=f"you can use the thing to {task}"))
     + f" {answer}</s>"
     for task in _TASKS
-    for answer in _ANSWERS
+    for answer in LISA_ANSWERS
 ] + [
     "Can you segment the cat in this image?",
     "Please segment the person in this image.",

@@ -939,7 +939,29 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, d
     eval_set = None
     if config.data.eval_split:
         eval_set = load_split(config.data, config.data.eval_split, config.data.max_eval_samples, config.source)
+    _check_user_text(config, [train_set, eval_set])
     return train_set, eval_set, record
+
+
+def _check_user_text(config: TrainConfig, splits: list[Dataset | None]):
+    """Tasks and answers are user text: one holding a control token of the tokenizer (`<image>`, `</s>`, `<pad>`, a
+    second `[SEG]`, ...) is refused here, naming its record, before anything is written; the processor would refuse it
+    only when its batch comes."""
+    processor = VLTPProcessor.from_pretrained(config.model)
+    answer_fields = (("answers", config.answers, 1), ("no_target_answers", config.no_target_answers, 0))
+    for name, answers, max_seg_tokens in answer_fields:
+        for answer in answers:
+            try:
+                processor.check_text(answer, f"answer {answer!r}", max_seg_tokens=max_seg_tokens)
+            except ValueError as error:
+                raise config.error(name, str(error)) from None
+    for split in filter(None, splits):
+        rows = split.with_format(None)  # the task and record columns, without opening images
+        for task, record in zip(rows["task"], rows["record"]):
+            try:
+                processor.check_text(task, f"{record}: task")
+            except ValueError as error:
+                raise config.error("data", str(error)) from None
 
 
 def read_vltp_config(path) -> VLTPConfig:

@@ -621,6 +621,17 @@ def _rio_with_empty_masks(world: Path, target: Path) -> Path:
     return target
 
 
+def _rio_with_a_typed_token(world: Path, target: Path, token: str) -> Path:
+    """The world's annotations with `token` typed into the task of training record 1."""
+    target.mkdir()
+    for path in world.glob("RIO_*.json"):
+        records = json.loads(path.read_text())
+        if path.name == "RIO_train_all_thing.json":
+            records[1]["expressions"] = f"{records[1]['expressions']} {token}"
+        (target / path.name).write_text(json.dumps(records))
+    return target
+
+
 def sam_checkpoint(target: Path) -> Path:
     """A saved plain `SamModel` (the conversion tests' tiny SAM)."""
     from test_conversion import tiny_sam_config
@@ -652,6 +663,16 @@ BAD_INPUTS = {
         1,
         lambda c, t, w: c["data"].update(annotations=str(_rio_with_empty_masks(w, t / "ann"))),
         "no target masks",
+    ),
+    "image token typed in a task": (
+        1,
+        lambda c, t, w: c["data"].update(annotations=str(_rio_with_a_typed_token(w, t / "ann", "<image>"))),
+        "field 'data': .*RIO_train_all_thing.json: record 1: task contains '<image>'",
+    ),
+    "end of sequence typed in an answer": (
+        1,
+        lambda c, t, w: c.update(answers=["Sure, [SEG].</s>"]),
+        "field 'answers': answer .* contains '</s>'",
     ),
     "unknown field": (1, lambda c, t, w: c.update(learning_rate=1), "unknown field 'learning_rate'"),
     "unknown data field": (1, lambda c, t, w: c["data"].update(split="train"), "unknown field 'data.split'"),
