@@ -45,7 +45,8 @@ learning rate, the neighbour as the wrong task), the same four spreads were 0.10
 
 Tried on seed 1 (default environment) and not kept, dense / wrong task: peak lr 3e-3, .364 / .289; batches of 3
 images x 4 of their tasks, .387 / .323; batch 6 for 700 steps, .403 / .325 (120 CPU s); empty targets included,
-.203 / .065 (the task matters more, but dense - whole image falls to 0.132). The recipe kept: .385 / .319.
+.203 / .065 (the task matters more, but dense - whole image falls to 0.132). The recipe kept: .385 / .319. 80
+prune-decoder steps instead of 40 (seed 2, `MKL_CBWR=COMPATIBLE`): VLTP / random .362 / .245, as with 40.
 
     python tests/test_learning.py --seeds 0 1 2   # the recipe on other seeds, one JSON line each
 """
