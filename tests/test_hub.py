@@ -21,7 +21,7 @@ from transformers import AutoModel
 
 from modeling_vltp import VLTPForTaskSegmentation, VLTPSamVisionModel, VLTPVisionConfig, count_gmacs, vision_gmacs
 from modeling_vltp.hub import HubError, hub_errors, model_card, push_to_hub_with_card
-from modeling_vltp.testing import tiny_model_and_processor, tiny_processor
+from modeling_vltp.testing import run_without_package, tiny_model_and_processor, tiny_processor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "testorg/vltp-tiny"
@@ -180,18 +180,11 @@ def test_push_cli_reports_errors_in_one_line(tmp_path, hub):
 
 # -- remote code in a process where modeling_vltp cannot be imported -------------------------------------------------
 
-# Runs with `python -I` (no PYTHONPATH, no current directory on sys.path) and a finder that refuses the top-level
-# package `modeling_vltp`, however it is installed (editable or not); the remote-code copies live in
-# `transformers_modules.*` and are unaffected.
+# Runs through `run_without_package` (a fresh `python -I` in which `modeling_vltp` cannot be imported); the
+# remote-code copies live in `transformers_modules.*` and are unaffected.
 _REMOTE_CODE_SCRIPT = textwrap.dedent("""\
-    import importlib.abc, sys
+    import sys
 
-    class HidePackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_vltp" or name.startswith("modeling_vltp."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden)", name=name)
-
-    sys.meta_path.insert(0, HidePackage())
     try:
         import modeling_vltp
     except ModuleNotFoundError:
@@ -225,10 +218,7 @@ def run_remote_code(tmp_path: Path, model, processor, sources: list[str], calls:
     seen on an AMD EPYC)."""
     image, task = torch.arange(24 * 32 * 3, dtype=torch.uint8).reshape(24, 32, 3), "open the bottle of beer"
     torch.save((calls, (image, task)), tmp_path / "inputs.pt")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    subprocess.run(
-        [sys.executable, "-I", "-c", _REMOTE_CODE_SCRIPT, str(tmp_path), *sources], check=True, cwd=tmp_path, env=env
-    )
+    run_without_package(_REMOTE_CODE_SCRIPT, str(tmp_path), *sources, cwd=tmp_path)
     results = torch.load(tmp_path / "outputs.pt")
     with torch.no_grad():
         expected = [dict(model(**kwargs)) for kwargs in calls]
