@@ -599,13 +599,11 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
                     f"image_indices must be a 1-D integer tensor (one image index per guidance), got dtype "
                     f"{image_indices.dtype} and shape {tuple(image_indices.shape)}."
                 )
-            if _can_read_values(image_indices) and image_indices.numel():
-                low, high = image_indices.min().item(), image_indices.max().item()
-                if low < 0 or high >= num_images:
-                    raise ValueError(
-                        f"image_indices must be in [0, {num_images - 1}] (one of the {num_images} images of "
-                        f"pixel_values), got values from {low} to {high}."
-                    )
+            if _can_read_values(image_indices) and ((image_indices < 0) | (image_indices >= num_images)).any():
+                raise ValueError(
+                    f"image_indices must be in [0, {num_images - 1}] (one of the {num_images} images of "
+                    f"pixel_values), got values from {image_indices.min().item()} to {image_indices.max().item()}."
+                )
         if guidance_embeds is not None:
             if image_indices is None:
                 expected_guidance, rows = (num_images, config.guidance_dim), "one guidance per image"
