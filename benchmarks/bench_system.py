@@ -13,9 +13,12 @@ Three parts, all printed as Markdown tables:
 2. Peak memory of one call per variant, in the warm-up round: CUDA `max_memory_allocated`; CPU the process's peak
    resident set (VmHWM, reset before each call through /proc/self/clear_refs), model weights included.
 3. Multiply-accumulates (GMACs, fvcore convention) per stage at LLaVA-1.5-7B + SAM ViT-H shapes on the meta device,
-   for 1 and 8 tasks, shared and unshared. Text lengths are assumptions stated in the table's title.
+   for 1 and 8 tasks, shared and unshared. Text lengths are assumptions stated in the table's title. Then the
+   break-even by question length: 8 tasks over one task (shared) for questions of 16 to 48 tokens, and the longest
+   question for which 8 tasks cost at most 2x one task, at rates 0.5 and 0.8.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_system.py                    # CPU, mid-size system, fp32
+    python benchmarks/bench_system.py --skip-timing                        # the MAC tables only (meta device)
     python benchmarks/bench_system.py --system paper --device cuda --dtype bf16 --tasks 1,8
 """
 
@@ -58,6 +61,8 @@ TASKS = [
 # Text lengths assumed for the MAC count at LLaVA-1.5-7B shapes (LLaMA tokenizer): BOS + "USER: " before the 576
 # image tokens; "\n<task> Please output segmentation mask. ASSISTANT:" after them; the answer "Sure, [SEG]." + EOS.
 PREFIX_TEXT_TOKENS, QUESTION_TOKENS, ANSWER_TOKENS = 4, 32, 6
+# Question lengths of the break-even table, and the ratio of 8 tasks to one task it is about (issue 10's target).
+BREAK_EVEN_QUESTION_TOKENS, BREAK_EVEN_TASKS, TARGET_RATIO = (16, 24, 32, 48), 8, 2.0
 
 
 def parse_args():
@@ -70,6 +75,7 @@ def parse_args():
     parser.add_argument("--runs", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--compile", action="store_true", help="torch.compile SAM's pruned ViT")
     parser.add_argument("--skip-macs", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true", help="no timing (and no model built): MACs only")
     return parser.parse_args()
 
 
@@ -203,9 +209,11 @@ def time_segment(model, processor, image, num_tasks, runs, device):
     return {share: statistics.median(values) for share, values in times.items()}, memory
 
 
-def stage_gmacs(model, num_tasks: int, share: bool, rate: float) -> dict[str, float]:
+def stage_gmacs(
+    model, num_tasks: int, share: bool, rate: float, question_tokens: int = QUESTION_TOKENS
+) -> dict[str, float]:
     """GMACs per stage of `segment` for `num_tasks` tasks on one image, `model` on the meta device, every pruning
-    stage at `rate`."""
+    stage at `rate`, each question `question_tokens` long."""
     rates = [rate] * len(model.config.vision_config.prune_layers)
     with torch.device("meta"):
         llava, text = model.llava, model.config.get_text_config()
@@ -232,10 +240,10 @@ def stage_gmacs(model, num_tasks: int, share: bool, rate: float) -> dict[str, fl
         cache = prefill(1, prefix)
         gmacs["LLaVA prefill"] = count_call_gmacs(prefill, 1, prefix)
         cache.batch_repeat_interleave(num_tasks)
-        gmacs["LLaVA prefill"] += count_call_gmacs(prefill, num_tasks, QUESTION_TOKENS, cache)
+        gmacs["LLaVA prefill"] += count_call_gmacs(prefill, num_tasks, question_tokens, cache)
     else:
-        cache = prefill(num_tasks, prefix + QUESTION_TOKENS)
-        gmacs["LLaVA prefill"] = count_call_gmacs(prefill, num_tasks, prefix + QUESTION_TOKENS)
+        cache = prefill(num_tasks, prefix + question_tokens)
+        gmacs["LLaVA prefill"] = count_call_gmacs(prefill, num_tasks, prefix + question_tokens)
     gmacs["generation"] = 0.0
     for _ in range(ANSWER_TOKENS - 1):
         gmacs["generation"] += count_call_gmacs(prefill, num_tasks, 1, cache)
@@ -261,15 +269,19 @@ def stage_gmacs(model, num_tasks: int, share: bool, rate: float) -> dict[str, fl
     return gmacs
 
 
-def print_macs(rate: float):
+def meta_paper_model() -> VLTPForTaskSegmentation:
+    """LLaVA-1.5-7B + SAM ViT-H on the meta device, for counting."""
+    with torch.device("meta"):
+        # without gradients: torch's module tracker fails on outputs that are parameters themselves
+        return VLTPForTaskSegmentation(VLTPConfig.llava15_7b_sam_vit_h()).requires_grad_(False)
+
+
+def print_macs(model, rate: float):
     print(
         f"\nGMACs per stage at LLaVA-1.5-7B + SAM ViT-H (1024 px, pruned after layers 16 and 24 at {rate}), meta "
         f"device; prompt = {PREFIX_TEXT_TOKENS} text + 576 image tokens + {QUESTION_TOKENS} question tokens, "
         f"{ANSWER_TOKENS} answer tokens"
     )
-    with torch.device("meta"):
-        # without gradients: torch's module tracker fails on outputs that are parameters themselves
-        model = VLTPForTaskSegmentation(VLTPConfig.llava15_7b_sam_vit_h()).requires_grad_(False)
     columns = [(1, True), (1, False), (8, True), (8, False)]
     table = {column: stage_gmacs(model, *column, rate) for column in columns}
     names = list(table[columns[0]])
@@ -284,8 +296,45 @@ def print_macs(rate: float):
         print(f"8 tasks / 1 task, {'shared' if share else 'unshared'}: {totals[(8, share)] / totals[(1, share)]:.2f}x")
 
 
-def main():
-    args = parse_args()
+def shared_task_ratio(model, rate: float, question_tokens: int) -> float:
+    """MACs of `BREAK_EVEN_TASKS` tasks on one image over those of one task, sharing the image work."""
+    many, one = (sum(stage_gmacs(model, n, True, rate, question_tokens).values()) for n in (BREAK_EVEN_TASKS, 1))
+    return many / one
+
+
+def longest_question_within_target(model, rate: float, limit: int = 1024) -> int:
+    """The longest question (in tokens, at most `limit`) for which `BREAK_EVEN_TASKS` tasks cost at most
+    `TARGET_RATIO` times one task; 0 when none does. The ratio grows with the question's length (each task adds its
+    question, the image work is shared), so bisection finds it."""
+    within, beyond = 0, limit + 1
+    while beyond - within > 1:
+        middle = (within + beyond) // 2
+        if shared_task_ratio(model, rate, middle) <= TARGET_RATIO:
+            within = middle
+        else:
+            beyond = middle
+    return within
+
+
+def print_break_even(model, rates=(0.5, 0.8)):
+    print(
+        f"\n{BREAK_EVEN_TASKS} tasks / 1 task (shared) by question length, LLaVA-1.5-7B + SAM ViT-H, meta device; "
+        f"prompt = {PREFIX_TEXT_TOKENS} text + 576 image tokens + the question, {ANSWER_TOKENS} answer tokens"
+    )
+    print("| question tokens | " + " | ".join(f"rate {rate}" for rate in rates) + " |")
+    print("|---|" + "---|" * len(rates))
+    for length in BREAK_EVEN_QUESTION_TOKENS:
+        ratios = [shared_task_ratio(model, rate, length) for rate in rates]
+        print(f"| {length} | " + " | ".join(f"{ratio:.2f}x" for ratio in ratios) + " |")
+    longest = [longest_question_within_target(model, rate) for rate in rates]
+    print(
+        f"| longest within {TARGET_RATIO:g}x | " + " | ".join(f"{length} tokens" for length in longest) + " |",
+        flush=True,
+    )
+
+
+def print_timing(args):
+    """Parts 1 and 2: time and peak memory of `segment` per number of tasks, shared and unshared."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     rate = args.rate if args.rate is not None else (0.8 if args.system == "mid" else 0.5)
     config, processor = (mid_system if args.system == "mid" else paper_system)(rate)
@@ -317,9 +366,18 @@ def main():
             f"| {memory[True]:.0f} | {memory[False]:.0f} |",
             flush=True,
         )
+
+
+def main():
+    args = parse_args()
+    if not args.skip_timing:
+        print_timing(args)
     if not args.skip_macs:
+        print(f"MACs: {datetime.date.today()}, torch {torch.__version__}, transformers {transformers.__version__}")
+        model = meta_paper_model()
         for mac_rate in (0.5, 0.8):
-            print_macs(mac_rate)
+            print_macs(model, mac_rate)
+        print_break_even(model)
 
 
 if __name__ == "__main__":

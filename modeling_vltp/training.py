@@ -24,6 +24,7 @@ LISA and VLTP report them) and the GMACs of the ViT at the rates trained. Everyt
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -35,7 +36,7 @@ import struct
 import time
 import types
 import typing
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +46,17 @@ import yaml
 from datasets import Dataset, DatasetDict, load_from_disk
 from safetensors.torch import load_file, save_file
 from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import seed_worker
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
 from .data import load_coco_tasks, load_rio, resolve_task_names
-from .data.collator import LISA_ANSWERS, NO_TARGET_ANSWERS, SEG_CACHE_COLUMN, VLTPDataCollator
+from .data.collator import (
+    LISA_ANSWERS,
+    NO_TARGET_ANSWERS,
+    SEG_CACHE_COLUMN,
+    VLTPDataCollator,
+    group_rows_by_image,
+)
 from .data.masks import decode_mask_batch
 from .flops import vision_gmacs
 from .metrics import tos_metrics_from_counts
@@ -112,7 +120,7 @@ STAGE1_INPUTS = (
     "masks",
     "reshaped_input_sizes",
 )
-STAGE2_INPUTS = ("sam_pixel_values", "seg_embeds", "masks", "reshaped_input_sizes")
+STAGE2_INPUTS = ("sam_pixel_values", "seg_embeds", "masks", "reshaped_input_sizes", "image_indices")
 
 
 class TrainingInputError(ValueError):
@@ -161,7 +169,9 @@ class TrainConfig:
 
     `model` is a local VLTP checkpoint with its processor: the system to finetune in stage 1, a stage-1 (or earlier
     stage-2) output in stage 2. `prune_rates` (stage 2) gives one rate per pruning stage; `seg_cache` (stage 2) is the
-    folder of the `[SEG]` cache, built there from `model` when absent. `training` holds `TrainingArguments` fields.
+    folder of the `[SEG]` cache, built there from `model` when absent; `group_by_image` (stage 2) keeps each image's
+    rows in one training batch ([`ImageBatchSampler`]), so that its tasks share the ViT's dense prefix. `training`
+    holds `TrainingArguments` fields.
     A non-empty `output_dir` is refused unless the run resumes (`resume_from_checkpoint`) or `overwrite_output_dir`
     is set; files a run did not write are never deleted.
     """
@@ -178,6 +188,7 @@ class TrainConfig:
     prune_rates: list[float] | None = None
     seg_cache: str | None = None
     train_mask_decoder: bool = True
+    group_by_image: bool = True
     cache_batch_size: int = 8
     resume_from_checkpoint: bool | str | None = None
     overwrite_output_dir: bool = False
@@ -427,6 +438,80 @@ class TOSMetrics:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Batches that hold whole images
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def image_batches(image_ids, batch_size: int, order=None) -> list[list[int]]:
+    """Row indices in batches of at most `batch_size` rows that hold whole images, so that an image's tasks share its
+    work: each image's rows together (an image with more rows than `batch_size` fills batches of its own), the images
+    in order of their first row, or in `order` (every image id once). `image_ids` holds one hashable id per row."""
+    rows_of = defaultdict(list)
+    for row, image in enumerate(image_ids):
+        rows_of[image].append(row)
+    if order is not None and (len(order) != len(rows_of) or set(order) != rows_of.keys()):
+        raise ValueError(f"order must name each of the {len(rows_of)} images once, got {len(order)} entries")
+    batches, current = [], []
+    for image in rows_of if order is None else order:
+        rows = rows_of[image]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            if len(current) + len(chunk) > batch_size:
+                batches.append(current)
+                current = []
+            current += chunk
+    return batches + [current] if current else batches
+
+
+class ImageBatchSampler(torch.utils.data.Sampler):
+    """Stage 2's training batches: at most `batch_size` rows each, holding whole images ([`image_batches`]), so that
+    an image's tasks share the ViT's dense prefix. Each epoch every row comes once, in an order drawn from `seed` and
+    the epoch (see `set_epoch`): the images by decreasing number of rows, those with as many rows in random order, then
+    the batches shuffled. Ordering by row count keeps the number of batches the same in every epoch, which the Trainer
+    counts once.
+
+    Under accelerate every process builds the same batches and `BatchSamplerShard` deals them out, batch i to process
+    i mod n (an epoch whose batches do not divide evenly repeats its first ones, as with any sampler). `batch_size` is
+    `None` to tell it that the batches vary in size; `max_rows` is the limit.
+    """
+
+    def __init__(self, image_ids, batch_size: int, seed: int = 0):
+        super().__init__()
+        image_ids = list(image_ids)
+        missing = [row for row, image in enumerate(image_ids) if image is None]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of {len(image_ids)} rows have no image_id (the first: row {missing[0]}); batches "
+                "grouped by image need one per row"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.image_ids, self.max_rows, self.seed, self.epoch = image_ids, batch_size, seed, 0
+        self.batch_size = None
+        self.rows_per_image = Counter(image_ids)
+        self.num_batches = len(self.batches(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order `__iter__` gives; the Trainer sets it before each epoch."""
+        self.epoch = epoch
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The row indices of each batch of `epoch`, in training order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        images = list(self.rows_per_image)
+        shuffled = [images[index] for index in rng.permutation(len(images))]
+        order = sorted(shuffled, key=self.rows_per_image.__getitem__, reverse=True)  # stable: ties stay shuffled
+        batches = image_batches(self.image_ids, self.max_rows, order)
+        return [batches[index] for index in rng.permutation(len(batches))]
+
+    def __iter__(self):
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -438,7 +523,9 @@ class VLTPTrainer(Trainer):
     the pruning loss, since its ViT runs densely and its prune decoder is frozen. The model receives only the batch
     entries named in `input_names`, with `prune_rates`. Evaluation returns, per sample, the pixel intersection and
     union of its mask (see [`mask_overlaps`]) as predictions and its task id as label, for [`TOSMetrics`]; its
-    batches come from `eval_data_collator` (teacher-forced validation answer, targets kept) when given.
+    batches come from `eval_data_collator` (teacher-forced validation answer, targets kept) when given. With
+    `train_batch_sampler` (an [`ImageBatchSampler`]) the training batches are its batches, not the Trainer's shuffled
+    rows.
     """
 
     def __init__(
@@ -448,17 +535,43 @@ class VLTPTrainer(Trainer):
         input_names,
         prune_rates,
         eval_data_collator=None,
+        train_batch_sampler: ImageBatchSampler | None = None,
         run_record: Path | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.run_record = run_record
+        self.train_batch_sampler = train_batch_sampler
         self.eval_data_collator = eval_data_collator
         self.losses = tuple(losses)
         self.input_names = tuple(input_names)
         self.prune_rates = list(prune_rates)
         # The losses are per-batch means: let the Trainer average them over gradient-accumulation steps.
         self.model_accepts_loss_kwargs = False
+
+    def get_train_dataloader(self):
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        args = self.args
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            worker_init_fn=functools.partial(
+                seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index
+            ),
+        )
+        return self.accelerator.prepare(loader)
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # The Trainer's own `set_epoch` calls miss this sampler when accelerate has both sharded it (several processes)
+        # and wrapped it to skip the batches done (a run resumed in the middle of an epoch).
+        if self.train_batch_sampler is not None:
+            self.train_batch_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_data_collator is None:
@@ -846,13 +959,18 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
     segmenter.vision_model.prune_decoder.requires_grad_(True)
     segmenter.mask_decoder.requires_grad_(config.train_mask_decoder)
     rates = list(config.prune_rates)
+    batch_sampler = None
+    if config.group_by_image:  # checked by `check_config`: every row has its image id
+        image_ids = cache["train"].with_format(None)["image_id"]  # without decoding the masks
+        batch_sampler = ImageBatchSampler(image_ids, args.per_device_train_batch_size, args.seed)
     trainer = VLTPTrainer(
         model=segmenter,
         args=args,
         train_dataset=cache["train"],
         eval_dataset=cache.get("eval"),
-        data_collator=VLTPDataCollator(processor),
+        data_collator=VLTPDataCollator(processor, group_by_image=config.group_by_image),
         eval_data_collator=VLTPDataCollator(processor, keep_targets=True),
+        train_batch_sampler=batch_sampler,
         processing_class=processor,
         compute_metrics=TOSMetrics(segmenter.config.vision_config, rates),
         callbacks=callbacks,
@@ -878,7 +996,7 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
 def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, dict]:
     """Check everything a run needs before anything is written, raising [`TrainingInputError`]: the model checkpoint,
     the output folder, the settings, the run to resume, the data (loaded and validated) and, in stage 2, the `[SEG]`
-    cache. Returns the training and evaluation splits (both `None` in stage 2 when the cache exists, since the data
+    cache and what `group_by_image` needs. Returns the training and evaluation splits (both `None` in stage 2 when the cache exists, since the data
     is then not read) and the run's [`run_record`]; `resume_from_checkpoint: true` is resolved to a checkpoint."""
     model_dir = Path(config.model)
     what = "stage-1 checkpoint (the output of `vltp train --stage 1`)" if config.stage == 2 else "VLTP checkpoint"
@@ -928,12 +1046,15 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, d
             raise config.error(
                 "seg_cache", "missing: stage 2 needs the folder of the [SEG] cache (built there when absent)"
             )
-    training_arguments(config)
+    args = training_arguments(config)
     record = run_record(config)
     _check_resume(config, record)
 
-    if config.stage == 2 and Path(config.seg_cache).exists():
+    cached = config.stage == 2 and Path(config.seg_cache).exists()
+    if cached:
         _check_seg_cache(config)
+    _check_grouping(config, args)
+    if cached:
         return None, None, record
     train_set = load_split(config.data, config.data.train_split, config.data.max_train_samples, config.source)
     eval_set = None
@@ -941,6 +1062,30 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, d
         eval_set = load_split(config.data, config.data.eval_split, config.data.max_eval_samples, config.source)
     _check_user_text(config, [train_set, eval_set])
     return train_set, eval_set, record
+
+
+def _check_grouping(config: TrainConfig, args: TrainingArguments) -> None:
+    """Stage 2's `group_by_image` needs one device per process (`torch.nn.DataParallel` would split a batch's images
+    and its rows apart) and, in an existing `[SEG]` cache, the `image_id` of every training row (the loaders give
+    one, so a cache built from them has it)."""
+    if config.stage != 2 or not config.group_by_image:
+        return
+    if args.n_gpu > 1:
+        raise config.error(
+            "group_by_image",
+            f"one process would drive {args.n_gpu} GPUs through torch.nn.DataParallel, which splits a batch's images "
+            "and rows apart: launch one process per GPU (accelerate launch, torchrun) or set group_by_image: false",
+        )
+    if Path(config.seg_cache).exists():
+        rows = load_from_disk(config.seg_cache)["train"]
+        image_ids = rows["image_id"] if "image_id" in rows.column_names else [None] * len(rows)
+        try:
+            ImageBatchSampler(image_ids, args.per_device_train_batch_size)
+        except ValueError as error:
+            raise config.error(
+                "group_by_image",
+                f"{config.seg_cache}, split train: {error}; set group_by_image: false to train without grouping",
+            ) from None
 
 
 def _check_user_text(config: TrainConfig, splits: list[Dataset | None]):
@@ -1291,24 +1436,6 @@ def random_token_selection(model: VLTPSamModel, seed: int = 0):
 ANSWER_MODES = ("teacher-forced", "generated")
 
 
-def image_batches(image_ids, batch_size: int) -> list[list[int]]:
-    """Row indices in batches of at most `batch_size` rows that hold whole images, so that an image's tasks share its
-    work: the images in order of their first row, each image's rows together (an image with more rows than
-    `batch_size` fills batches of its own). `image_ids` holds one hashable id per row."""
-    rows_of = defaultdict(list)
-    for row, image in enumerate(image_ids):
-        rows_of[image].append(row)
-    batches, current = [], []
-    for rows in rows_of.values():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            if len(current) + len(chunk) > batch_size:
-                batches.append(current)
-                current = []
-            current += chunk
-    return batches + [current] if current else batches
-
-
 def distributed_process() -> tuple[int, int]:
     """(rank, number of processes) of the torch.distributed group (`accelerate launch`, `torchrun`), else (0, 1)."""
     import torch.distributed as dist
@@ -1371,13 +1498,13 @@ def evaluate_rates(
             collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
             evaluated = seg_embeddings_by_batch(model, dataset, collator, batch_size, "evaluating", batches)
             for indices, (batch, seg, samples) in zip(batches, evaluated):
-                pixels = batch["sam_pixel_values"].to(model.device, model.dtype)
-                images = [image_ids[row] for row in indices]
-                # Each guidance reads the pixels of its image's first row in the batch.
-                first_row = torch.tensor([images.index(image) for image in images], device=model.device)
+                # Each image's pixels once (its first row's), each guidance pointing at its image.
+                first_rows, image_indices = group_rows_by_image([image_ids[row] for row in indices])
+                pixels = batch["sam_pixel_values"][first_rows].to(model.device, model.dtype)
+                image_of = torch.tensor(image_indices, device=model.device)
                 for index, rates in enumerate(rates_list):
                     with torch.no_grad():
-                        pred_masks, _, _ = model._decode_by_image(pixels, seg, first_row[samples], rates)
+                        pred_masks, _, _ = model._decode_by_image(pixels, seg, image_of[samples], rates)
                     overlaps[index].append(mask_overlaps(processor, pred_masks, samples, batch))
         else:
             from tqdm.auto import tqdm
@@ -1437,6 +1564,7 @@ __all__ = [
     "distributed_process",
     "evaluate_rates",
     "image_batches",
+    "ImageBatchSampler",
     "load_seg_cache",
     "load_split",
     "mask_overlaps",

@@ -1,6 +1,9 @@
 """The engines on the CPU: 2 gloo processes train the tiny system on a small synthetic world and save the same
-weights as one process with the same global batch (batch 1 per process against batch 2; one answer and no LoRA
-dropout, so the LM loss averages the same tokens). DDP, DeepSpeed ZeRO-2 and ZeRO-3 run `vltp train` under
+weights as one process with the same global batch. Stage 1: batch 1 per process against batch 2 (one answer and no
+LoRA dropout, so the LM loss averages the same tokens). Stage 2 groups its batches by image: accelerate deals the
+sampler's batches (of 2 rows at most, whole images, here 2 or 1 rows) in turn to the processes, so 2 processes with
+batch 2 take in each step the 2 batches that one process with batch 2 accumulates over 2 steps; each averages the
+two batches' mean losses. DDP, DeepSpeed ZeRO-2 and ZeRO-3 run `vltp train` under
 `accelerate launch` with the shipped example configs; FSDP2 runs the Trainer's training step with torch's
 `fully_shard` under `torchrun`, since accelerate cannot shard on a CPU (docs/training.md, "Engines").
 
@@ -92,10 +95,11 @@ def settings(root: Path, stage: int, model: Path, output: Path, batch: int, **tr
 
 @pytest.fixture(scope="module")
 def reference(root) -> Path:
-    """One process, batch 2: stage 1 from the tiny system, stage 2 from that."""
+    """One process, batch 2: stage 1 from the tiny system, stage 2 (2 accumulation steps) from that."""
     out = root / "one"
     train(TrainConfig.from_dict(settings(root, 1, root / "base", out / "stage1", 2, use_cpu=True), stage=1))
-    train(TrainConfig.from_dict(settings(root, 2, out / "stage1", out / "stage2", 2, use_cpu=True), stage=2))
+    stage2 = settings(root, 2, out / "stage1", out / "stage2", 2, use_cpu=True, gradient_accumulation_steps=2)
+    train(TrainConfig.from_dict(stage2, stage=2))
     return out
 
 
@@ -155,7 +159,8 @@ def engine_runs(root, reference):
             out.mkdir()
             runs = []
             for stage, model in ((1, root / "base"), (2, reference / "stage1")):
-                config = settings(root, stage, model, out / f"stage{stage}", 1, **training)
+                batch = 1 if stage == 1 else 2  # per process (see the module's docstring)
+                config = settings(root, stage, model, out / f"stage{stage}", batch, **training)
                 path = out / f"stage{stage}.yaml"
                 path.write_text(yaml.safe_dump(config))
                 runs.append(f"{stage}:{path}")

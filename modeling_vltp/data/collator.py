@@ -27,6 +27,20 @@ NO_TARGET_ANSWERS = (
 
 # The column of a `[SEG]` cache holding each row's projected `[SEG]` embedding.
 SEG_CACHE_COLUMN = "seg_embed"
+# What `VLTPProcessor` returns once per row that belongs to the image, not to the task: SAM's pixels and sizes.
+SAM_IMAGE_ENTRIES = ("sam_pixel_values", "original_sizes", "reshaped_input_sizes")
+
+
+def group_rows_by_image(image_ids) -> tuple[list[int], list[int]]:
+    """The first row of each image, images in order of their first row, and each row's image as an index into those
+    first rows, from one hashable id per row: what lets an image's tasks share its work (its pixels sent once, with
+    `image_indices`)."""
+    first_rows, position = [], {}
+    for row, image in enumerate(image_ids):
+        if image not in position:
+            position[image] = len(first_rows)
+            first_rows.append(row)
+    return first_rows, [position[image] for image in image_ids]
 
 
 class VLTPDataCollator:
@@ -38,6 +52,11 @@ class VLTPDataCollator:
     whose target mask is empty is answered with one of those instead (no `[SEG]`: it trains LLaVA's loss only);
     without them every row gets a `[SEG]` answer, as in LISA. `keep_targets` adds each row's mask at its own size
     (`target_masks`) and its `task_ids` for evaluation. Rows of a `[SEG]` cache add `seg_embeds`.
+
+    `group_by_image` (stage 2's training batches) sends SAM's image entries once per image when rows share an image,
+    by `image_id`: `sam_pixel_values`, `original_sizes` and `reshaped_input_sizes` then hold one row per image (in
+    order of their first row) and `image_indices` gives each row's image, so that `VLTPSamModel` runs the ViT's dense
+    prefix once per image. Everything else stays one row per task.
     """
 
     def __init__(
@@ -47,12 +66,14 @@ class VLTPDataCollator:
         seed: int = 0,
         keep_targets: bool = False,
         no_target_answers=None,
+        group_by_image: bool = False,
     ):
         self.processor = processor
         self.answers = list(answers) if answers else None
         self.no_target_answers = list(no_target_answers) if no_target_answers else None
         self.seed = seed
         self.keep_targets = keep_targets
+        self.group_by_image = group_by_image
 
     def answer(self, row: dict) -> str:
         answers = self.answers
@@ -75,7 +96,23 @@ class VLTPDataCollator:
         if self.keep_targets:
             batch["target_masks"] = [np.asarray(row["mask"], dtype=bool) for row in rows]
             batch["task_ids"] = torch.tensor([row.get("task_id", -1) for row in rows])
+        if self.group_by_image:
+            self._send_images_once(batch, rows)
         return batch
 
+    @staticmethod
+    def _send_images_once(batch: dict, rows: list[dict]) -> None:
+        missing = [index for index, row in enumerate(rows) if row.get("image_id") is None]
+        if missing:
+            raise ValueError(
+                f"grouping rows by image needs each row's image_id; rows {missing[:5]} of this batch have none (leave "
+                "out group_by_image, or set group_by_image: false in a training config)"
+            )
+        first_rows, image_indices = group_rows_by_image([row["image_id"] for row in rows])
+        if len(first_rows) < len(rows):
+            for name in SAM_IMAGE_ENTRIES:
+                batch[name] = batch[name][first_rows]
+            batch["image_indices"] = torch.tensor(image_indices)
 
-__all__ = ["LISA_ANSWERS", "NO_TARGET_ANSWERS", "SEG_CACHE_COLUMN", "VLTPDataCollator"]
+
+__all__ = ["LISA_ANSWERS", "NO_TARGET_ANSWERS", "SEG_CACHE_COLUMN", "VLTPDataCollator", "group_rows_by_image"]
