@@ -209,6 +209,8 @@ def main():
                 "output_dir": str(out / "stage2"),
                 "seg_cache": str(out / "seg_cache"),
                 "prune_rates": [0.5],
+                # the batches of the run recorded in RESULTS.md; grouped by image they hold other rows
+                "group_by_image": False,
                 "data": data,
                 "training": {
                     "max_steps": args.stage2_steps,

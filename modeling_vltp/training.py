@@ -996,8 +996,9 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
 def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, dict]:
     """Check everything a run needs before anything is written, raising [`TrainingInputError`]: the model checkpoint,
     the output folder, the settings, the run to resume, the data (loaded and validated) and, in stage 2, the `[SEG]`
-    cache and what `group_by_image` needs. Returns the training and evaluation splits (both `None` in stage 2 when the cache exists, since the data
-    is then not read) and the run's [`run_record`]; `resume_from_checkpoint: true` is resolved to a checkpoint."""
+    cache and what `group_by_image` needs. Returns the training and evaluation splits (both `None` in stage 2 when
+    the cache exists, since the data is then not read) and the run's [`run_record`]; `resume_from_checkpoint: true`
+    is resolved to a checkpoint."""
     model_dir = Path(config.model)
     what = "stage-1 checkpoint (the output of `vltp train --stage 1`)" if config.stage == 2 else "VLTP checkpoint"
     try:

@@ -22,7 +22,16 @@ from modeling_vltp.cli import main
 from modeling_vltp.data import VLTPDataCollator, synthetic
 from modeling_vltp.data.collator import SEG_CACHE_COLUMN
 from modeling_vltp.testing import tiny_model_and_processor
-from modeling_vltp.training import ImageBatchSampler, TrainConfig, image_batches, load_seg_cache, train
+from modeling_vltp.training import (
+    ImageBatchSampler,
+    TrainConfig,
+    TrainingInputError,
+    _check_grouping,
+    image_batches,
+    load_seg_cache,
+    train,
+    training_arguments,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -337,3 +346,17 @@ def test_grouping_refuses_a_cache_without_image_ids_and_can_be_turned_off(
     assert counts.prefix == counts.pruned == [4]  # ungrouped: the prefix once per row
     record = json.loads((tmp_path / "out" / "vltp_run.json").read_text())
     assert record["settings"]["group_by_image"] is False
+
+
+def test_grouping_refuses_one_process_driving_several_gpus(world_and_model, tmp_path):
+    """Without a launcher on a machine with several GPUs the Trainer wraps the model in `torch.nn.DataParallel`, which
+    would scatter a grouped batch's images and rows apart; the check sees the Trainer's GPU count."""
+    world, model = world_and_model
+    config = TrainConfig.from_dict(stage2_config(world, model, tmp_path / "out", tmp_path / "cache"), stage=2)
+    args = training_arguments(config)
+    _check_grouping(config, args)  # one CPU process: fine
+    args._n_gpu = 2  # what `TrainingArguments` counts on a machine with 2 GPUs and no launcher
+    with pytest.raises(TrainingInputError, match=r"field 'group_by_image': one process would drive 2 GPUs .*"):
+        _check_grouping(config, args)
+    config.group_by_image = False
+    _check_grouping(config, args)
