@@ -24,6 +24,7 @@ Three parts, all printed as Markdown tables:
 
 import argparse
 import datetime
+import functools
 import platform
 import resource
 import statistics
@@ -214,17 +215,23 @@ def stage_gmacs(
 ) -> dict[str, float]:
     """GMACs per stage of `segment` for `num_tasks` tasks on one image, `model` on the meta device, every pruning
     stage at `rate`, each question `question_tokens` long."""
-    rates = [rate] * len(model.config.vision_config.prune_layers)
-    with torch.device("meta"):
-        llava, text = model.llava, model.config.get_text_config()
-        clip_size = model.config.llava_config.vision_config.image_size
-        num_image_tokens = (clip_size // model.config.llava_config.vision_config.patch_size) ** 2
-        prefix = PREFIX_TEXT_TOKENS + num_image_tokens
-        images = 1 if share else num_tasks
-        clip_pixels = torch.empty(images, 3, clip_size, clip_size)
-        vision_config = model.config.vision_config
-        sam_pixels = torch.empty(images, 3, vision_config.image_size, vision_config.image_size)
-        guidance = torch.empty(num_tasks, vision_config.guidance_dim)
+    images = 1 if share else num_tasks
+    clip, prefix_one, per_task, decoder_per_task = image_gmacs(model, rate)
+    return {
+        "CLIP + projector": clip * images,
+        **text_gmacs(model, num_tasks, share, question_tokens),
+        "SAM prefix (dense layers)": prefix_one * images,
+        "SAM pruned suffix + neck": per_task * num_tasks,
+        "prompt encoder + mask decoder": decoder_per_task * num_tasks,
+    }
+
+
+def text_gmacs(model, num_tasks: int, share: bool, question_tokens: int) -> dict[str, float]:
+    """GMACs of LLaVA's language model (prefill of the prompt, generation of the answer) and of `text_hidden_fcs` for
+    `num_tasks` tasks on one image."""
+    llava, text = model.llava, model.config.get_text_config()
+    vision_config = model.config.llava_config.vision_config
+    prefix = PREFIX_TEXT_TOKENS + (vision_config.image_size // vision_config.patch_size) ** 2
 
     def embeds(rows, length):
         return torch.empty(rows, length, text.hidden_size, device="meta")
@@ -235,7 +242,7 @@ def stage_gmacs(
         llava.lm_head(output.last_hidden_state[:, -1:])
         return output.cache
 
-    gmacs = {"CLIP + projector": count_call_gmacs(llava.model.get_image_features, pixel_values=clip_pixels)}
+    gmacs = {}
     if share:
         cache = prefill(1, prefix)
         gmacs["LLaVA prefill"] = count_call_gmacs(prefill, 1, prefix)
@@ -249,6 +256,22 @@ def stage_gmacs(
         gmacs["generation"] += count_call_gmacs(prefill, num_tasks, 1, cache)
         prefill(num_tasks, 1, cache)
     gmacs["text_hidden_fcs"] = count_call_gmacs(model.text_hidden_fcs, embeds(num_tasks, 1))
+    return gmacs
+
+
+@functools.cache
+def image_gmacs(model, rate: float) -> tuple[float, float, float, float]:
+    """GMACs of the work on one image that does not depend on the text, every pruning stage at `rate`: CLIP and the
+    projector, SAM's dense prefix, and per task the pruned stages with the neck and the prompt encoder with the mask
+    decoder. Cached: the break-even table asks for the same rate at every question length."""
+    rates = [rate] * len(model.config.vision_config.prune_layers)
+    clip_size = model.config.llava_config.vision_config.image_size
+    vision_config = model.config.vision_config
+    with torch.device("meta"):
+        clip_pixels = torch.empty(1, 3, clip_size, clip_size)
+        sam_pixels = torch.empty(1, 3, vision_config.image_size, vision_config.image_size)
+        guidance = torch.empty(1, vision_config.guidance_dim)
+    clip = count_call_gmacs(model.llava.model.get_image_features, pixel_values=clip_pixels)
 
     encoder = model.vision_model.vision_encoder
     dense_layers = encoder.layers[: vision_config.prune_layers[0]]
@@ -258,15 +281,11 @@ def stage_gmacs(
         for layer in dense_layers:
             hidden = layer(hidden)
 
-    prefix_one = count_call_gmacs(sam_prefix, sam_pixels[:1])
-    gmacs["SAM prefix (dense layers)"] = prefix_one * images
+    prefix_one = count_call_gmacs(sam_prefix, sam_pixels)
     # The pruned stages and the neck per task: the whole pruned ViT of one image and one task, less its prefix.
-    per_task = count_gmacs(model.vision_model, sam_pixels[:1], guidance_embeds=guidance[:1], prune_rates=rates)
-    per_task -= prefix_one
-    gmacs["SAM pruned suffix + neck"] = per_task * num_tasks
-    decode = count_call_gmacs(model.decode_masks, sam_pixels[:1], guidance[:1], rates)
-    gmacs["prompt encoder + mask decoder"] = (decode - per_task - prefix_one) * num_tasks
-    return gmacs
+    per_task = count_gmacs(model.vision_model, sam_pixels, guidance_embeds=guidance, prune_rates=rates) - prefix_one
+    decode = count_call_gmacs(model.decode_masks, sam_pixels, guidance, rates)
+    return clip, prefix_one, per_task, decode - per_task - prefix_one
 
 
 def meta_paper_model() -> VLTPForTaskSegmentation:
