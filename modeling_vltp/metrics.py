@@ -7,6 +7,9 @@ For sample i with predicted mask P_i and target mask G_i, I_i = |P_i and G_i|, U
 * ``mIoU_tasks`` (with ``task_ids``): the cIoU of each task, averaged over tasks; VLTP's "mIoU" on
   COCO-Tasks, where every task is evaluated on its own file.
 
+``score_spearman`` ([`spearman_correlation`]) says how well a model's confidence (SAM's predicted IoU) ranks its
+masks: the rank correlation of the scores with the samples' true IoUs.
+
 Empty targets: a sample whose target and prediction are both empty (U_i = 0) scores
 ``empty_target_iou`` (1.0 as in LISA/VLTP; PolyFormer uses 0.0); an empty target with a non-empty
 prediction scores 0, as does a missed non-empty target. A cIoU whose total union is 0 (every target
@@ -128,3 +131,28 @@ def tos_metrics_from_counts(
         results["mIoU_tasks"] = float(np.mean([scores["cIoU"] for scores in per_task.values()]))
         results["per_task"] = per_task
     return results
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `values`, tied values sharing the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, groups, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(groups, weights=ranks)
+    return sums[groups] / counts[groups]
+
+
+def spearman_correlation(x: Sequence[Real], y: Sequence[Real]) -> float | None:
+    """Spearman's rank correlation of `x` and `y`: the Pearson correlation of their ranks, tied values sharing the mean
+    of their ranks. `None` when it is undefined (fewer than two values, or either side constant). Raises `ValueError`
+    for sequences of different lengths or values that are not finite."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"need two 1-D sequences of the same length, got shapes {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("spearman_correlation needs finite values (got NaN or infinity)")
+    rank_x, rank_y = _average_ranks(x), _average_ranks(y)
+    if len(x) < 2 or rank_x.std() == 0 or rank_y.std() == 0:
+        return None
+    return float(np.corrcoef(rank_x, rank_y)[0, 1])

@@ -12,7 +12,8 @@ Stage 2, VLTP@Finetune (Sec. 4.3 and 5.3, Eq. 12): the prune decoder and the mas
 pruning rates with LLaVA and the ViT frozen; loss L_X + L_P + SAM's IoU loss. As LLaVA is frozen, one pass first
 stores every sample's projected `[SEG]` embedding in a `datasets` cache ([`build_seg_cache`]); stage 2 then trains
 [`VLTPSamModel`] (the SAM side only) from that cache without loading LLaVA, and writes its weights back into a
-full checkpoint. Starting
+full checkpoint. With `empty_targets: answer_nothing` (the default) it trains on the samples with a non-empty target
+only: LLaVA answers the others without `[SEG]`, so at inference they never reach SAM. Starting
 from a stage-2 checkpoint with other rates finetunes for the new rates (Table 4); the cache stays valid, since stage 2
 never changes LLaVA or `text_hidden_fcs`.
 
@@ -57,9 +58,9 @@ from .data.collator import (
     VLTPDataCollator,
     group_rows_by_image,
 )
-from .data.masks import decode_mask_batch
+from .data.masks import decode_mask_batch, has_target
 from .flops import vision_gmacs
-from .metrics import tos_metrics_from_counts
+from .metrics import spearman_correlation, tos_metrics_from_counts
 from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamModel, weighted_loss
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
 from .staging import staged_output
@@ -384,12 +385,17 @@ def load_split(data: DataSettings, split: str, max_samples: int | None = None, s
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     if len(dataset) == 0:
         raise TrainingInputError(f"{source}: data ({data.format}, split {split!r}): no samples")
-    encoded = dataset.with_format(None)["mask"]
-    if not any(json.loads(mask)["segmentations"] for mask in encoded):
+    if not any(has_target(mask) for mask in dataset.with_format(None)["mask"]):
         raise TrainingInputError(
             f"{source}: data ({data.format}, split {split!r}): no target masks, every sample's mask is empty"
         )
     return dataset
+
+
+def with_targets(dataset: Dataset) -> Dataset:
+    """The rows of a loaded split (or `[SEG]` cache) whose target is not empty, read without decoding any mask."""
+    encoded = dataset.with_format(None)["mask"]
+    return dataset.select([row for row, mask in enumerate(encoded) if has_target(mask)])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -414,6 +420,14 @@ def mask_overlaps(processor: VLTPProcessor, pred_masks, seg_sample_indices, batc
         [masks.get(sample, np.zeros_like(target)) for sample, target in enumerate(batch["target_masks"])],
         batch["target_masks"],
     )
+
+
+def _first_seg_scores(iou_scores, seg_sample_indices, num_samples: int) -> torch.Tensor:
+    """(B,) float64 score of each sample's first `[SEG]` mask (the one [`mask_overlaps`] scores), NaN without one."""
+    scores = torch.full((num_samples,), float("nan"), dtype=torch.float64)
+    for sample, score in reversed(list(zip(seg_sample_indices.tolist(), iou_scores.detach().float().cpu().tolist()))):
+        scores[sample] = score
+    return scores
 
 
 def _overlaps(predictions, targets) -> torch.Tensor:
@@ -953,6 +967,10 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
             del model
             gc.collect()
         cache = load_seg_cache(config.seg_cache)
+    train_rows = cache["train"]
+    if config.empty_targets == "answer_nothing":
+        # Stage 1 taught LLaVA to answer these without [SEG], so at inference they never reach SAM.
+        train_rows = with_targets(train_rows)
     set_seed(args.seed)
     segmenter = VLTPSamModel.from_pretrained(config.model)
     segmenter.requires_grad_(False)
@@ -961,12 +979,12 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
     rates = list(config.prune_rates)
     batch_sampler = None
     if config.group_by_image:  # checked by `check_config`: every row has its image id
-        image_ids = cache["train"].with_format(None)["image_id"]  # without decoding the masks
+        image_ids = train_rows.with_format(None)["image_id"]  # without decoding the masks
         batch_sampler = ImageBatchSampler(image_ids, args.per_device_train_batch_size, args.seed)
     trainer = VLTPTrainer(
         model=segmenter,
         args=args,
-        train_dataset=cache["train"],
+        train_dataset=train_rows,
         eval_dataset=cache.get("eval"),
         data_collator=VLTPDataCollator(processor, group_by_image=config.group_by_image),
         eval_data_collator=VLTPDataCollator(processor, keep_targets=True),
@@ -1474,7 +1492,9 @@ def evaluate_rates(
     sample gets a mask. `answers="generated"` lets the model answer ([`VLTPForTaskSegmentation.segment`], once per
     batch and rate, sharing each image's work): an answer without `[SEG]` predicts an empty mask, which an empty
     target credits. Then `nothing_on_empty` is also given: the share of empty targets answered without `[SEG]`
-    (`None` when no target is empty). `selection="random"` keeps random tokens instead of the prune decoder's (see
+    (`None` when no target is empty). `score_spearman` is the rank correlation ([`spearman_correlation`]) of each
+    predicted mask's score (SAM's predicted IoU) with its true IoU, over the samples that got a mask from `[SEG]`
+    (`None` when undefined). `selection="random"` keeps random tokens instead of the prune decoder's (see
     [`random_token_selection`], seeded by `seed`), for the paper's random-pruning baseline.
 
     Under `accelerate launch` or `torchrun` (a torch.distributed group), process r evaluates every r-th batch; the
@@ -1492,7 +1512,7 @@ def evaluate_rates(
     rank, world = distributed_process()
     batches = image_batches(image_ids, batch_size)[rank::world]
     rows = [row for batch in batches for row in batch]
-    overlaps, nothing = defaultdict(list), defaultdict(list)
+    overlaps, nothing, scores = defaultdict(list), defaultdict(list), defaultdict(list)
     selecting = random_token_selection(model, seed) if selection == "random" else contextlib.nullcontext()
     with selecting:
         if answers == "teacher-forced":
@@ -1505,8 +1525,9 @@ def evaluate_rates(
                 image_of = torch.tensor(image_indices, device=model.device)
                 for index, rates in enumerate(rates_list):
                     with torch.no_grad():
-                        pred_masks, _, _ = model._decode_by_image(pixels, seg, image_of[samples], rates)
+                        pred_masks, iou_scores, _ = model._decode_by_image(pixels, seg, image_of[samples], rates)
                     overlaps[index].append(mask_overlaps(processor, pred_masks, samples, batch))
+                    scores[index].append(_first_seg_scores(iou_scores, samples, len(indices)))
         else:
             from tqdm.auto import tqdm
 
@@ -1523,6 +1544,8 @@ def evaluate_rates(
                     results = model.segment(images, tasks, processor, prune_rates=rates, max_batch_rows=batch_size)
                     overlaps[index].append(_overlaps([result.mask.numpy() for result in results], targets))
                     nothing[index] += [None if t.any() else not r.seg_found for r, t in zip(results, targets)]
+                    found = [r.score if r.seg_found else float("nan") for r in results]
+                    scores[index].append(torch.tensor(found, dtype=torch.float64))
     local = {
         "rows": rows,
         "counts": [
@@ -1530,6 +1553,10 @@ def evaluate_rates(
             for index in range(len(rates_list))
         ],
         "nothing": [nothing[index] for index in range(len(rates_list))],
+        "scores": [
+            torch.cat(scores[index]) if rows else torch.zeros(0, dtype=torch.float64)
+            for index in range(len(rates_list))
+        ],
     }
     shards = _gather(local)
     order = np.argsort(np.concatenate([shard["rows"] for shard in shards]), kind="stable")
@@ -1539,9 +1566,13 @@ def evaluate_rates(
     results = []
     for index, rates in enumerate(rates_list):
         counts = torch.cat([shard["counts"][index] for shard in shards]).numpy()[order]
-        scores = tos_metrics_from_counts(counts[:, 0], counts[:, 1], task_ids)
+        metrics = tos_metrics_from_counts(counts[:, 0], counts[:, 1], task_ids)
         gmacs = vision_gmacs(model.config.vision_config, rates)
-        results.append({"prune_rates": list(rates), **scores, "gmacs": gmacs, "answers": answers})
+        results.append({"prune_rates": list(rates), **metrics, "gmacs": gmacs, "answers": answers})
+        mask_scores = torch.cat([shard["scores"][index] for shard in shards]).numpy()[order]
+        ious = np.where(counts[:, 1] > 0, counts[:, 0] / np.maximum(counts[:, 1], 1), 1.0)
+        found = np.isfinite(mask_scores)
+        results[-1]["score_spearman"] = spearman_correlation(mask_scores[found], ious[found])
         if answers == "generated":
             empty = [flag for shard in shards for flag in shard["nothing"][index] if flag is not None]
             results[-1]["nothing_on_empty"] = sum(empty) / len(empty) if empty else None
@@ -1583,5 +1614,6 @@ __all__ = [
     "train_stage2",
     "training_arguments",
     "weights_fingerprint",
+    "with_targets",
     "write_back_segmenter",
 ]

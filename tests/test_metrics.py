@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_vltp.metrics import compute_tos_metrics, tos_metric_path, tos_metrics_from_counts
+from modeling_vltp.metrics import compute_tos_metrics, spearman_correlation, tos_metric_path, tos_metrics_from_counts
 
 
 def _mask(shape, pixels):
@@ -168,3 +168,39 @@ def test_impossible_counts_are_refused(intersections, unions, options, message):
 def test_compute_refuses_an_empty_target_iou_outside_0_1():
     with pytest.raises(ValueError, match="empty_target_iou"):
         compute_tos_metrics(PREDICTIONS, REFERENCES, empty_target_iou=-1)
+
+
+def _brute_force_spearman(x, y):
+    """Spearman's rho from its definition: each value's rank is 1 + the number of smaller values + half the number of
+    other equal values; then the Pearson correlation of the ranks, written out."""
+
+    def ranks(values):
+        return [1 + sum(w < v for w in values) + (sum(w == v for w in values) - 1) / 2 for v in values]
+
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    covariance = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return covariance / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+
+
+def test_spearman_by_hand_with_ties_and_against_the_definition():
+    # No ties: 1 - 6 * sum(d^2) / (n (n^2 - 1)) with rank differences d = (0, -1, 1, 0): 1 - 12 / 60.
+    assert spearman_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8, abs=1e-12)
+    # Tied x: ranks (1.5, 1.5, 3) against (1, 2, 3): covariance 1.5, variances 1.5 and 2.
+    assert spearman_correlation([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / 3**0.5, abs=1e-12)
+    assert spearman_correlation([0.1, 0.5, 0.9], [3, 20, 1000]) == pytest.approx(1.0)  # any increasing relation
+    assert spearman_correlation([0.1, 0.5, 0.9], [1.0, 0.2, 0.0]) == pytest.approx(-1.0)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        x, y = rng.integers(0, 6, 30), rng.random(30).round(1)  # many ties on both sides
+        assert spearman_correlation(x, y) == pytest.approx(_brute_force_spearman(x, y), abs=1e-12)
+
+
+def test_spearman_is_none_when_undefined_and_refuses_bad_input():
+    assert spearman_correlation([0.3], [0.7]) is None
+    assert spearman_correlation([0.3, 0.3, 0.3], [0.1, 0.5, 0.9]) is None  # constant scores rank nothing
+    assert spearman_correlation([], []) is None
+    with pytest.raises(ValueError, match="same length"):
+        spearman_correlation([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="finite"):
+        spearman_correlation([1, float("nan")], [1, 2])

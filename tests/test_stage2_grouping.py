@@ -31,6 +31,7 @@ from modeling_vltp.training import (
     load_seg_cache,
     train,
     training_arguments,
+    with_targets,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -301,7 +302,7 @@ class CountViTRows(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def grouped_run(world_and_model, tmp_path_factory):
-    """6 steps of batch 4 (two epochs of 3 batches), grouping on (the default); builds the [SEG] cache."""
+    """6 steps of batch 4 (three epochs of 2 batches), grouping on (the default); builds the [SEG] cache."""
     world, model = world_and_model
     root = tmp_path_factory.mktemp("run")
     counts = CountViTRows()
@@ -314,14 +315,31 @@ def grouped_run(world_and_model, tmp_path_factory):
 def test_stage2_runs_the_vit_prefix_once_per_image_of_each_batch(grouped_run):
     root, counts, summary = grouped_run
     assert summary.global_step == 6
-    image_ids = list(load_seg_cache(root / "cache")["train"].with_format(None)["image_id"])
-    assert sorted(Counter(image_ids).values()) == [1, 3, 3, 3]
+    cache = load_seg_cache(root / "cache")["train"]
+    assert sorted(Counter(cache.with_format(None)["image_id"]).values()) == [1, 3, 3, 3]
+    # Stage 2 trains on the rows with a target (the others are answered without [SEG]): here 3 images, 5 tasks.
+    image_ids = list(with_targets(cache).with_format(None)["image_id"])
+    assert len(image_ids) == 5 and len(set(image_ids)) == 3
     sampler = ImageBatchSampler(image_ids, 4, seed=42)  # the Trainer's default seed
-    batches = sampler.batches(0) + sampler.batches(1)
-    assert len(batches) == 6 and batches[:3] != batches[3:]
+    batches = sampler.batches(0) + sampler.batches(1) + sampler.batches(2)  # 2 batches an epoch
+    assert len(batches) == 6 and batches[:2] != batches[2:4]
     assert counts.pruned == [len(batch) for batch in batches]  # the tasks of each batch, in the sampler's order
     assert counts.prefix == [len({image_ids[row] for row in batch}) for batch in batches]
-    assert sum(counts.prefix) == 8 < sum(counts.pruned) == 20  # 4 images and 10 tasks, twice
+
+
+def test_stage2_trains_empty_targets_only_when_they_are_answered_with_seg(world_and_model, grouped_run, tmp_path):
+    """`empty_targets: seg` (LISA's always-[SEG]) keeps every cached row, the empty targets too: one epoch of the
+    10 rows fills a batch of 10 (5 rows would fill it only halfway); the default run above saw only the 5 rows with a
+    target."""
+    world, model = world_and_model
+    config = stage2_config(
+        world, model, tmp_path / "out", grouped_run[0] / "cache", group_by_image=False, empty_targets="seg"
+    )
+    config["training"].update(max_steps=1, per_device_train_batch_size=10)
+    counts = CountViTRows()
+    train(TrainConfig.from_dict(config, stage=2), [counts])
+    assert counts.pruned == [10]
+    assert sum(grouped_run[1].pruned) == 3 * 5  # three epochs of the 5 rows with a target
 
 
 def test_grouping_refuses_a_cache_without_image_ids_and_can_be_turned_off(

@@ -566,6 +566,29 @@ def test_generated_answers_decide_whether_there_is_a_mask(world, base_model, cap
     assert lines[1].endswith("empty targets answered nothing (%)") and len(lines[2].split()) == 6
 
 
+def test_score_spearman_ranks_each_masks_score_against_its_true_iou(world, base_model):
+    """`score_spearman` against a reference built one sample at a time: `segment` on the sample alone, the IoU of its
+    mask with the target (1 when both are empty), and Spearman's rho written out from its definition in
+    test_metrics. Generation is biased to answer `[SEG]` first, so that every sample gets a mask and a score."""
+    from test_metrics import _brute_force_spearman
+
+    model = VLTPForTaskSegmentation.from_pretrained(base_model)
+    processor = VLTPProcessor.from_pretrained(base_model)
+    model.llava.generation_config.sequence_bias = {(processor.seg_token_id,): 100.0}
+    dataset = load_rio(str(world), str(world), "common")
+    scores, ious = [], []
+    for row in dataset:
+        (result,) = model.segment([row["image"].convert("RGB")], [row["task"]], processor, prune_rates=[0.5])
+        target = np.asarray(row["mask"], dtype=bool)
+        union = (result.mask.numpy() | target).sum()
+        scores.append(result.score)
+        ious.append((result.mask.numpy() & target).sum() / union if union else 1.0)
+    (generated,) = evaluate_rates(model, processor, dataset, [[0.5]], batch_size=6, answers="generated")
+    # Batching pads the prompts differently, which could move a score by float rounding; a swapped pair of ranks
+    # would move rho by at least 1/35 on 6 samples, and none was seen.
+    assert generated["score_spearman"] == pytest.approx(_brute_force_spearman(scores, ious), abs=1e-6)
+
+
 def test_image_batches_hold_whole_images():
     assert image_batches([5, 5, 7, 7, 7, 9], 4) == [[0, 1], [2, 3, 4, 5]]
     assert image_batches([1, 1, 1, 1, 1, 2], 2) == [[0, 1], [2, 3], [4, 5]]  # an image over the size: its own batches
@@ -593,6 +616,7 @@ def test_evaluation_runs_each_images_work_once_and_matches_one_row_at_a_time(wor
         assert one["gIoU"] == pytest.approx(other["gIoU"], abs=1e-6) and one["cIoU"] == pytest.approx(
             other["cIoU"], abs=1e-6
         )
+        assert one["score_spearman"] == pytest.approx(other["score_spearman"], abs=1e-6)
 
     calls, segment = [], model.segment
     monkeypatch.setattr(

@@ -180,6 +180,11 @@ def encode_mask(segmentations: list, height: int, width: int) -> str:
     return json.dumps({"size": [height, width], "segmentations": segmentations}, separators=(",", ":"))
 
 
+def has_target(encoded: str) -> bool:
+    """Whether an encoded-mask string lists any segmentation (an empty list: nothing in the image fits the task)."""
+    return bool(json.loads(encoded)["segmentations"])
+
+
 def decode_mask(encoded: str) -> np.ndarray:
     """Decode an encoded-mask string to a ``(height, width)`` ``uint8`` array of 0 and 1 (union of the instances)."""
     data = json.loads(encoded)
