@@ -238,8 +238,12 @@ def test_a_grouped_batch_gives_the_loss_and_gradients_of_the_same_rows_ungrouped
     assert grouped[1] == pytest.approx(ungrouped[1], rel=LOSS_RTOL)
     assert grouped[2].keys() == ungrouped[2].keys()
     assert any(name.startswith("vision_model.prune_decoder.") for name in grouped[2])
+    # Each parameter's gradient against its own largest value, but at least 1e-3 of the largest of all: the bias of an
+    # attention's key projection has a zero gradient in exact arithmetic (softmax ignores a constant added to every
+    # score), so what both passes give there is float32 rounding (5e-10 seen with MKL_CBWR=AVX2).
+    largest = max(gradient.abs().max() for gradient in ungrouped[2].values())
     for name, expected in ungrouped[2].items():
-        scale = expected.abs().max().clamp(min=1e-12)
+        scale = torch.maximum(expected.abs().max(), 1e-3 * largest)
         assert (grouped[2][name] - expected).abs().max() <= GRAD_TOLERANCE * scale, name
 
 
