@@ -44,13 +44,6 @@ from modeling_vltp.training import (
     with_targets,
 )
 
-# Which of the world's tasks a phrasing asks for (the task probe of the pretraining stand-in).
-TASK_INDEX = {
-    phrasing: index
-    for index, task in enumerate(synthetic.TASKS)
-    for phrasing in (*task.phrasings, *task.heldout_phrasings)
-}
-
 
 def tasks_present(dataset) -> dict:
     """image id -> (12,) float tensor, 1 where the image has an object answering the world's task (its target is not
@@ -58,7 +51,7 @@ def tasks_present(dataset) -> dict:
     present = {}
     for row in dataset.with_format(None).select_columns(["image_id", "task", "mask"]):
         vector = present.setdefault(row["image_id"], torch.zeros(len(synthetic.TASKS)))
-        vector[TASK_INDEX[row["task"].strip()]] = float(bool(json.loads(row["mask"])["segmentations"]))
+        vector[synthetic.TASK_OF_SENTENCE[row["task"].strip()]] = float(bool(json.loads(row["mask"])["segmentations"]))
     return present
 
 
@@ -125,7 +118,7 @@ def pretrain(
     rows = list(dataset)
     data = prepare(rows, VLTPDataCollator(processor, LISA_ANSWERS, seed, no_target_answers=NO_TARGET_ANSWERS))
     present = tasks_present(dataset)
-    data["task_index"] = torch.tensor([TASK_INDEX[row["task"].strip()] for row in rows])
+    data["task_index"] = torch.tensor([synthetic.TASK_OF_SENTENCE[row["task"].strip()] for row in rows])
     data["tasks_present"] = torch.stack([present[row["image_id"]] for row in rows])
 
     parameters = [p for name, p in model.named_parameters() if "prune_decoder" not in name] + [*probes.parameters()]

@@ -69,11 +69,6 @@ from modeling_vltp.processing_vltp import DEFAULT_ANSWER
 from modeling_vltp.testing import PretrainingProbes, small_model_and_processor
 from modeling_vltp.training import random_token_selection
 
-TASK_INDEX = {
-    phrasing: index
-    for index, task in enumerate(synthetic.TASKS)
-    for phrasing in (*task.phrasings, *task.heldout_phrasings)
-}
 # The world's tasks this short recipe trains and evaluates on: the colour and size ones (see the module docstring).
 TRAITS = ("red", "green", "yellow", "blue", "large", "small")
 TRAIN_IMAGES, HELD_OUT_IMAGES = 150, 80
@@ -91,8 +86,8 @@ def tensors(world, split, processor, answer_nothing: bool):
     present = {}
     for row in rows:
         vector = present.setdefault(row["image_id"], torch.zeros(len(synthetic.TASKS)))
-        vector[TASK_INDEX[row["task"].strip()]] = float(row["mask"].any())
-    rows = [row for row in rows if synthetic.TASKS[TASK_INDEX[row["task"].strip()]].trait in TRAITS]
+        vector[synthetic.TASK_OF_SENTENCE[row["task"].strip()]] = float(row["mask"].any())
+    rows = [row for row in rows if synthetic.TASKS[synthetic.TASK_OF_SENTENCE[row["task"].strip()]].trait in TRAITS]
     nothing = NO_TARGET_ANSWERS[0] if answer_nothing else DEFAULT_ANSWER
     batch = dict(
         processor(
@@ -102,7 +97,7 @@ def tensors(world, split, processor, answer_nothing: bool):
             masks=[row["mask"] for row in rows],
         )
     )
-    batch["task_index"] = torch.tensor([TASK_INDEX[row["task"].strip()] for row in rows])
+    batch["task_index"] = torch.tensor([synthetic.TASK_OF_SENTENCE[row["task"].strip()] for row in rows])
     batch["image_id"] = torch.tensor([row["image_id"] for row in rows])
     batch["has_target"] = batch["masks"].flatten(1).any(1)
     batch["tasks_present"] = torch.stack([present[row["image_id"]] for row in rows])
@@ -221,15 +216,16 @@ def _learn(folder, seed):
             pred_masks, _, _ = model.decode_masks(pixels, guidance, rates, image_indices)
             return iou_per_sample(pred_masks, targets).mean().item()
 
-        result = {"seed": seed, "dense": scores([0.0])}
+        # Dense: each mask's IoU, and SAM's predicted IoU against it.
+        pred_masks, iou_scores, _ = model.decode_masks(pixels, seg_embeds[rows], [0.0], image_indices)
+        dense_ious = iou_per_sample(pred_masks, targets)
+        result = {"seed": seed, "dense": dense_ious.mean().item()}
+        result["score_spearman"] = spearman_correlation(iou_scores, dense_ious)
         # The answer's first token as greedy generation picks it: "Sure" ([SEG]) or that of "There is nothing...".
         first = (held_out["labels"] != -100).int().argmax(1)
         says_nothing = llm.logits[torch.arange(len(first)), first - 1].argmax(-1) == nothing_token(train)
         result["nothing_on_empty"] = says_nothing[~held_out["has_target"]].float().mean().item()
         result["nothing_on_target"] = says_nothing[held_out["has_target"]].float().mean().item()
-        # SAM's predicted IoU against the true IoU of each dense mask.
-        pred_masks, iou_scores, _ = model.decode_masks(pixels, seg_embeds[rows], [0.0], image_indices)
-        result["score_spearman"] = spearman_correlation(iou_scores, iou_per_sample(pred_masks, targets))
         # Each pair guided by the [SEG] of another task on the same image whose target is disjoint from its own: a
         # model that ignores the task scores the same as dense, one that follows it scores about 0.
         partners = disjoint_partners(held_out["image_id"], held_out["masks"])

@@ -141,6 +141,10 @@ TASKS = (
 )
 # Names for ``load_coco_tasks(..., task_names=TASK_NAMES)``: task N is TASK_NAMES[N - 1].
 TASK_NAMES = tuple(task.name for task in TASKS)
+# The index in TASKS of the task each of the world's sentences (phrasings and held-out phrasings) asks for.
+TASK_OF_SENTENCE = {
+    sentence: index for index, task in enumerate(TASKS) for sentence in (*task.phrasings, *task.heldout_phrasings)
+}
 
 SHAPE_TRAITS = {
     "circle": ("round",),
