@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from modeling_vltp import VLTPSamVisionModel, VLTPVisionConfig
+from modeling_vltp import VLTPSamVisionModel
 from modeling_vltp.data import synthetic
 from modeling_vltp.data.masks import segmentation_to_rle
 from modeling_vltp.testing import small_model_and_processor
@@ -66,31 +66,15 @@ def token_labels(pixel_labels: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def vision_model(args) -> VLTPSamVisionModel:
     """The small system's ViT, initialised as `small_model_and_processor` does, at the width and depth asked for."""
-    model, _ = small_model_and_processor(seed=args.seed)
-    base = model.vision_model.config.to_dict()
-    if (args.hidden_size, args.num_layers) == (base["hidden_size"], base["num_hidden_layers"]):
-        return model.vision_model
-    torch.manual_seed(args.seed)
-    config = VLTPVisionConfig(
-        **{
-            **base,
-            "hidden_size": args.hidden_size,
-            "mlp_dim": 2 * args.hidden_size,
-            "num_attention_heads": args.num_heads,
-            "num_hidden_layers": args.num_layers,
-            "global_attn_indexes": list(range(1, args.num_layers, 2)),
-        }
+    model, _ = small_model_and_processor(
+        seed=args.seed,
+        hidden_size=args.hidden_size,
+        mlp_dim=2 * args.hidden_size,
+        num_attention_heads=args.num_heads,
+        num_hidden_layers=args.num_layers,
+        global_attn_indexes=list(range(1, args.num_layers, 2)),
     )
-    vision = VLTPSamVisionModel(config)
-    for module in vision.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.reset_parameters()
-    with torch.no_grad():
-        vision.vision_encoder.pos_embed.normal_(0.0, 0.02)
-        for layer in vision.vision_encoder.layers:
-            layer.attn.rel_pos_h.normal_(0.0, 0.02)
-            layer.attn.rel_pos_w.normal_(0.0, 0.02)
-    return vision
+    return model.vision_model
 
 
 def accuracies(predicted: torch.Tensor, labels: torch.Tensor) -> dict:

@@ -201,13 +201,14 @@ def tiny_model_and_processor(seed: int = 0) -> tuple[VLTPForTaskSegmentation, VL
     return model.eval(), processor
 
 
-def small_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
+def small_config(processor: VLTPProcessor | None = None, **vision_overrides) -> VLTPConfig:
     """A [`VLTPConfig`] for learning experiments on the CPU (`benchmarks/learn_synthetic.py`), where pruning matters.
 
     [`tiny_config`]'s LLaVA, with a SAM side that can learn the synthetic world: 8-pixel patches at 128 px (16x16
     tokens in 4x4 windows, global attention in layers 2 and 4), pruned after layer 1 at rate 0.5, so that three of the
     four layers run on the kept tokens only, and a 64-wide neck, prompt encoder and mask decoder. (With a 32-wide mask
     decoder, SAM's upscaling leaves 32 / 8 = 4 channels per mask pixel, too few to tell the world's traits apart.)
+    `vision_overrides` replace fields of the ViT's config (e.g. a wider ViT in `benchmarks/shape_probe.py`).
     """
     tiny = tiny_config(processor)
     width = tiny.vision_config.hidden_size
@@ -223,6 +224,7 @@ def small_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
             "output_channels": mask_width,
             "num_pos_feats": mask_width // 2,
             "guidance_dim": mask_width,
+            **vision_overrides,
         }
     )
     return VLTPConfig(
@@ -233,8 +235,9 @@ def small_config(processor: VLTPProcessor | None = None) -> VLTPConfig:
     )
 
 
-def small_model_and_processor(seed: int = 0) -> tuple[VLTPForTaskSegmentation, VLTPProcessor]:
-    """A random [`VLTPForTaskSegmentation`] of [`small_config`] (in eval mode) and its [`VLTPProcessor`], offline.
+def small_model_and_processor(seed: int = 0, **vision_overrides) -> tuple[VLTPForTaskSegmentation, VLTPProcessor]:
+    """A random [`VLTPForTaskSegmentation`] of [`small_config`] (with `vision_overrides`; in eval mode) and its
+    [`VLTPProcessor`], offline.
 
     Every Linear and convolution of the SAM side (ViT, neck, mask decoder) and of the `[SEG]` projection
     `text_hidden_fcs` gets PyTorch's default initialisation, scaled to its fan-in: the std of 0.02 that large models
@@ -243,7 +246,7 @@ def small_model_and_processor(seed: int = 0) -> tuple[VLTPForTaskSegmentation, V
     """
     processor = tiny_processor()
     torch.manual_seed(seed)
-    model = VLTPForTaskSegmentation(small_config(processor))
+    model = VLTPForTaskSegmentation(small_config(processor, **vision_overrides))
     for part in (model.vision_model.vision_encoder, model.mask_decoder, model.text_hidden_fcs):
         for module in part.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
