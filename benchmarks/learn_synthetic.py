@@ -35,7 +35,7 @@ from transformers import get_cosine_schedule_with_warmup
 from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
 from modeling_vltp.data import LISA_ANSWERS, NO_TARGET_ANSWERS, VLTPDataCollator, load_rio, synthetic
 from modeling_vltp.data.collator import group_rows_by_image
-from modeling_vltp.testing import PretrainingProbes, small_model_and_processor
+from modeling_vltp.testing import PretrainingProbes, small_model_and_processor, tasks_present
 from modeling_vltp.training import (
     STAGE1_INPUTS,
     TrainConfig,
@@ -43,16 +43,6 @@ from modeling_vltp.training import (
     train,
     with_targets,
 )
-
-
-def tasks_present(dataset) -> dict:
-    """image id -> (12,) float tensor, 1 where the image has an object answering the world's task (its target is not
-    empty); the world is generated with all 12 tasks per image."""
-    present = {}
-    for row in dataset.with_format(None).select_columns(["image_id", "task", "mask"]):
-        vector = present.setdefault(row["image_id"], torch.zeros(len(synthetic.TASKS)))
-        vector[synthetic.TASK_OF_SENTENCE[row["task"].strip()]] = float(bool(json.loads(row["mask"])["segmentations"]))
-    return present
 
 
 def training_settings(steps: int, batch_size: int, learning_rate: float, seed: int) -> dict:

@@ -52,6 +52,11 @@ def _iou(intersection: int, union: int, empty_target_iou: float) -> float:
     return intersection / union if union else float(empty_target_iou)
 
 
+def sample_ious(intersections: Sequence[int], unions: Sequence[int], empty_target_iou: float = 1.0) -> list[float]:
+    """Each sample's IoU from its pixel intersection and union; `empty_target_iou` where both masks are empty."""
+    return [_iou(intersection, union, empty_target_iou) for intersection, union in zip(intersections, unions)]
+
+
 def compute_tos_metrics(
     predictions: Sequence,
     references: Sequence,
@@ -114,11 +119,11 @@ def tos_metrics_from_counts(
                 "be whole numbers with 0 <= intersection <= union"
             )
     intersections, unions = [int(i) for i in intersections], [int(u) for u in unions]
+    ious = sample_ious(intersections, unions, empty_target_iou)
 
     def summary(indices) -> dict:
-        ious = [_iou(intersections[i], unions[i], empty_target_iou) for i in indices]
         total = _iou(sum(intersections[i] for i in indices), sum(unions[i] for i in indices), empty_target_iou)
-        return {"gIoU": float(np.mean(ious)), "cIoU": total}
+        return {"gIoU": float(np.mean([ious[i] for i in indices])), "cIoU": total}
 
     results = summary(range(len(intersections)))
     if task_ids is not None:

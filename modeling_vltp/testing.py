@@ -9,8 +9,10 @@ from torch import nn
 from transformers import CLIPImageProcessorPil, LlavaConfig, PreTrainedTokenizerFast, SamImageProcessorPil
 
 from .configuration_vltp import VLTPConfig, VLTPVisionConfig
+from .data import synthetic
 from .data.coco_tasks import COCO_TASKS_NAMES
 from .data.collator import LISA_ANSWERS
+from .data.masks import has_target
 from .modeling_vltp import VLTPForTaskSegmentation
 from .processing_vltp import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -258,6 +260,17 @@ def small_model_and_processor(seed: int = 0, **vision_overrides) -> tuple[VLTPFo
             layer.attn.rel_pos_h.normal_(0.0, 0.02)
             layer.attn.rel_pos_w.normal_(0.0, 0.02)
     return model.eval(), processor
+
+
+def tasks_present(dataset) -> dict[int, torch.Tensor]:
+    """image id -> (12,) float tensor over the synthetic world's tasks, 1 where the image has an object answering the
+    task (its target is not empty): the targets of [`PretrainingProbes`]' image probe. `dataset`: a loaded RIO split
+    of a world generated with all 12 tasks per image; its masks are not decoded."""
+    present = {}
+    for row in dataset.with_format(None).select_columns(["image_id", "task", "mask"]):
+        vector = present.setdefault(row["image_id"], torch.zeros(len(synthetic.TASKS)))
+        vector[synthetic.TASK_OF_SENTENCE[row["task"].strip()]] = float(has_target(row["mask"]))
+    return present
 
 
 class PretrainingProbes(nn.Module):

@@ -60,7 +60,7 @@ from .data.collator import (
 )
 from .data.masks import decode_mask_batch, has_target
 from .flops import vision_gmacs
-from .metrics import spearman_correlation, tos_metrics_from_counts
+from .metrics import sample_ious, spearman_correlation, tos_metrics_from_counts
 from .modeling_vltp import VLTPForTaskSegmentation, VLTPSamModel, weighted_loss
 from .processing_vltp import DEFAULT_ANSWER, VLTPProcessor
 from .staging import staged_output
@@ -403,19 +403,27 @@ def with_targets(dataset: Dataset) -> Dataset:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _first_seg_rows(seg_sample_indices) -> dict[int, int]:
+    """sample -> the row of its first `[SEG]` in `seg_sample_indices`: the mask (and score) a sample is judged by."""
+    first = {}
+    for row, sample in enumerate(seg_sample_indices.tolist()):
+        first.setdefault(sample, row)
+    return first
+
+
 def mask_overlaps(processor: VLTPProcessor, pred_masks, seg_sample_indices, batch: dict) -> torch.Tensor:
     """(B, 2) intersection and union, in pixels at each image's own size, of each sample's predicted mask (its first
     `[SEG]`'s; empty without one) and its target `batch["target_masks"]`."""
     masks = {}
-    if len(seg_sample_indices):
-        samples = seg_sample_indices.cpu()
+    first = _first_seg_rows(seg_sample_indices)
+    if first:
+        samples, rows = list(first), list(first.values())
         resized = processor.post_process_masks(
-            pred_masks.detach().float().cpu(),
+            pred_masks.detach()[rows].float().cpu(),
             batch["original_sizes"].cpu()[samples],
             batch["reshaped_input_sizes"].cpu()[samples],
         )
-        for sample, mask in zip(samples.tolist(), resized):
-            masks.setdefault(sample, mask.numpy())
+        masks = {sample: mask.numpy() for sample, mask in zip(samples, resized)}
     return _overlaps(
         [masks.get(sample, np.zeros_like(target)) for sample, target in enumerate(batch["target_masks"])],
         batch["target_masks"],
@@ -425,8 +433,8 @@ def mask_overlaps(processor: VLTPProcessor, pred_masks, seg_sample_indices, batc
 def _first_seg_scores(iou_scores, seg_sample_indices, num_samples: int) -> torch.Tensor:
     """(B,) float64 score of each sample's first `[SEG]` mask (the one [`mask_overlaps`] scores), NaN without one."""
     scores = torch.full((num_samples,), float("nan"), dtype=torch.float64)
-    for sample, score in reversed(list(zip(seg_sample_indices.tolist(), iou_scores.detach().float().cpu().tolist()))):
-        scores[sample] = score
+    first = _first_seg_rows(seg_sample_indices)
+    scores[list(first)] = iou_scores.detach()[list(first.values())].double().cpu()
     return scores
 
 
@@ -1570,7 +1578,7 @@ def evaluate_rates(
         gmacs = vision_gmacs(model.config.vision_config, rates)
         results.append({"prune_rates": list(rates), **metrics, "gmacs": gmacs, "answers": answers})
         mask_scores = torch.cat([shard["scores"][index] for shard in shards]).numpy()[order]
-        ious = np.where(counts[:, 1] > 0, counts[:, 0] / np.maximum(counts[:, 1], 1), 1.0)
+        ious = np.array(sample_ious(counts[:, 0].tolist(), counts[:, 1].tolist()))
         found = np.isfinite(mask_scores)
         results[-1]["score_spearman"] = spearman_correlation(mask_scores[found], ious[found])
         if answers == "generated":

@@ -66,7 +66,7 @@ from modeling_vltp.data import load_rio, synthetic
 from modeling_vltp.data.collator import NO_TARGET_ANSWERS, group_rows_by_image
 from modeling_vltp.metrics import spearman_correlation
 from modeling_vltp.processing_vltp import DEFAULT_ANSWER
-from modeling_vltp.testing import PretrainingProbes, small_model_and_processor
+from modeling_vltp.testing import PretrainingProbes, small_model_and_processor, tasks_present
 from modeling_vltp.training import random_token_selection
 
 # The world's tasks this short recipe trains and evaluates on: the colour and size ones (see the module docstring).
@@ -82,12 +82,9 @@ def tensors(world, split, processor, answer_nothing: bool):
     """The split's (image, task) pairs of the tasks of `TRAITS` as model inputs, with `task_index`, `image_id`,
     `has_target` and `tasks_present` (which of the world's 12 tasks the pair's image answers). Each pair is answered
     "Sure, [SEG]." or, with `answer_nothing`, `NO_TARGET_ANSWERS[0]` when its target is empty."""
-    rows = list(load_rio(world, world, split))
-    present = {}
-    for row in rows:
-        vector = present.setdefault(row["image_id"], torch.zeros(len(synthetic.TASKS)))
-        vector[synthetic.TASK_OF_SENTENCE[row["task"].strip()]] = float(row["mask"].any())
-    rows = [row for row in rows if synthetic.TASKS[synthetic.TASK_OF_SENTENCE[row["task"].strip()]].trait in TRAITS]
+    dataset = load_rio(world, world, split)
+    present = tasks_present(dataset)
+    rows = [row for row in dataset if synthetic.TASKS[synthetic.TASK_OF_SENTENCE[row["task"].strip()]].trait in TRAITS]
     nothing = NO_TARGET_ANSWERS[0] if answer_nothing else DEFAULT_ANSWER
     batch = dict(
         processor(
