@@ -92,15 +92,13 @@ def prepare(rows: list, collator: VLTPDataCollator, chunk: int = 240) -> dict:
     }
 
 
-def pretrain(
-    world: Path, output: Path, steps: int, batch_size: int, learning_rate: float, seed: int, probe_weight: float
-) -> None:
-    """Train every weight of the small system but the prune decoder densely, on LISA's losses plus `probe_weight`
-    times the losses of `PretrainingProbes`: the stand-in for pretrained SAM and LLaVA. Empty targets are answered
-    "nothing fits", as in stage 1. Each batch draws `batch_size` rows with a target (those train the mask losses) and
-    half as many without (those train the "nothing fits" answers), about the world's share of empty targets (37%).
-    Every training row is prepared once (one drawn answer each), and batches are drawn from those tensors: preparing
-    the images batch by batch would take most of the time."""
+def pretrain(world: Path, output: Path, args, seed: int) -> None:
+    """Train every weight of the small system but the prune decoder densely for `args.pretrain_steps`, on LISA's
+    losses plus `args.probe_weight` times the losses of `PretrainingProbes`: the stand-in for pretrained SAM and LLaVA.
+    Empty targets are answered "nothing fits", as in stage 1. Each batch draws `args.batch_size` rows with a target
+    (those train the mask losses) and `args.empty_rows` without (those train the "nothing fits" answers; 7 of 19 is
+    the world's share of empty targets, 37%). Every training row is prepared once (one drawn answer each), and
+    batches are drawn from those tensors: preparing the images batch by batch would take most of the time."""
     model, processor = small_model_and_processor(seed=seed)
     num_tasks = len(synthetic.TASKS)
     probes = PretrainingProbes(model.config, num_tasks)
@@ -112,7 +110,8 @@ def pretrain(
     data["tasks_present"] = torch.stack([present[row["image_id"]] for row in rows])
 
     parameters = [p for name, p in model.named_parameters() if "prune_decoder" not in name] + [*probes.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    steps = args.pretrain_steps
+    optimizer = torch.optim.AdamW(parameters, lr=args.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 50), steps)
     generator = torch.Generator().manual_seed(seed)
     dense = [0.0] * len(model.config.vision_config.prune_layers)
@@ -122,8 +121,8 @@ def pretrain(
     for _ in tqdm(range(steps), desc=f"pretraining (seed {seed})", mininterval=30):
         index = torch.cat(
             [
-                with_target[torch.randint(0, len(with_target), (batch_size,), generator=generator)],
-                without[torch.randint(0, len(without), (batch_size // 2,), generator=generator)],
+                with_target[torch.randint(0, len(with_target), (args.batch_size,), generator=generator)],
+                without[torch.randint(0, len(without), (args.empty_rows,), generator=generator)],
             ]
         )
         inputs = {name: value[index] for name, value in data.items() if name not in PER_IMAGE}
@@ -132,7 +131,7 @@ def pretrain(
         model_inputs = {name: inputs[name] for name in STAGE1_INPUTS if name in inputs}
         outputs = model(**model_inputs, prune_rates=dense, output_hidden_states=True)
         probe_loss = probes(outputs, inputs["input_ids"], inputs["task_index"], inputs["tasks_present"])
-        loss = outputs.loss + probe_weight * probe_loss
+        loss = outputs.loss + args.probe_weight * probe_loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -167,9 +166,7 @@ def run_seed(args, seed: int) -> dict:
             world, args.eval_images, seed=2 * seed + 1, format="rio", split="common", tasks_per_image=num_tasks
         )
     data = {"format": "rio", "annotations": str(world), "images": str(world), "eval_split": "common"}
-    pretrain(
-        world, out / "pretrained", args.pretrain_steps, args.batch_size, args.pretrain_lr, seed, args.probe_weight
-    )
+    pretrain(world, out / "pretrained", args, seed)
     train(
         TrainConfig.from_dict(stage_config(out / "pretrained", out / "stage1", data, args.stage1_steps, args, seed), 1)
     )
@@ -220,14 +217,15 @@ def main():
     parser.add_argument("--out", required=True, help="working folder (worlds, models, caches), one subfolder a seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=3, help="seeds run at once, each in its own process")
-    parser.add_argument("--train-images", type=int, default=600)
+    parser.add_argument("--train-images", type=int, default=1500)
     parser.add_argument("--eval-images", type=int, default=60)
     parser.add_argument("--pretrain-steps", type=int, default=5000)
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
     parser.add_argument("--probe-weight", type=float, default=1.0, help="the probes of the pretraining stand-in")
     parser.add_argument("--stage1-steps", type=int, default=200)
     parser.add_argument("--stage2-steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=12, help="rows a batch (in pretraining, rows with a target)")
+    parser.add_argument("--empty-rows", type=int, default=7, help="rows without a target in a pretraining batch")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads a seed (the tiny model is fastest on few)"
     )

@@ -53,12 +53,15 @@ def pixels_equal(results, expected) -> float:
     return (masks == torch.cat([e.mask.flatten() for e in expected])).float().mean().item()
 
 
-def assert_same_segmentation(results, expected):
-    """Same texts, at least 99.9% of mask pixels equal and scores within 1e-5 (see below)."""
+def assert_same_segmentation(results, expected, score_tolerance=1e-5):
+    """Same texts, at least 99.9% of mask pixels equal and scores within `score_tolerance` (see below)."""
     assert [r.text for r in results] == [e.text for e in expected]
     assert pixels_equal(results, expected) >= 0.999
     torch.testing.assert_close(
-        torch.tensor([r.score for r in results]), torch.tensor([e.score for e in expected]), rtol=0, atol=1e-5
+        torch.tensor([r.score for r in results]),
+        torch.tensor([e.score for e in expected]),
+        rtol=0,
+        atol=score_tolerance,
     )
 
 
@@ -76,14 +79,18 @@ def test_offloaded_segment_gives_the_plain_models_masks(inputs, tmp_path, rates)
     )
 
 
-def test_offloaded_bf16_segment_agrees_with_float32(inputs, tmp_path):
-    """bf16 keeps 8 bits of mantissa, so mask logits near the threshold flip sign: measured 99.46% of pixels equal
-    (6 tasks on 2 images, rate 0.5, with the earlier demo model; issue 14 saw 99.27% with another); at least 99%."""
-    images, tasks, model, processor = inputs
-    expected = model.segment(images, tasks, processor, prune_rates=[0.5])
+def test_offloaded_bf16_segment_gives_the_plain_bf16_models_masks(inputs, tmp_path):
+    """Offloading in bf16 runs the plain bf16 model's computations: measured, every pixel and score equal. The test
+    allows what rounding could change on another CPU, as above, with 2 bf16 ulps on scores (2^-7: bf16 keeps 8 bits of
+    mantissa). The float32 model is no reference here: on the demo's less sure tasks bf16 flips whole small masks
+    (measured 98.6% of pixels equal over these 6 tasks, one answer worded differently), which says how sure the model
+    is, not whether offloading works; offloaded parts run in float32 would fail this test by as much."""
+    images, tasks, _, processor = inputs
+    plain = VLTPForTaskSegmentation.from_pretrained(DEMO_MODEL_DIR, dtype=torch.bfloat16).eval()
+    expected = plain.segment(images, tasks, processor, prune_rates=[0.5])
     results = offloaded(tmp_path / "offload", torch.bfloat16).segment(images, tasks, processor, prune_rates=[0.5])
     assert all(r.seg_found for r in results)
-    assert pixels_equal(results, expected) >= 0.99
+    assert_same_segmentation(results, expected, score_tolerance=2**-7)
 
 
 def test_an_offloaded_mask_decoder_gives_the_plain_models_masks(inputs, tmp_path):
