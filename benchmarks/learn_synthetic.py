@@ -96,9 +96,9 @@ def pretrain(world: Path, output: Path, args, seed: int) -> None:
     """Train every weight of the small system but the prune decoder densely for `args.pretrain_steps`, on LISA's
     losses plus `args.probe_weight` times the losses of `PretrainingProbes`: the stand-in for pretrained SAM and LLaVA.
     Empty targets are answered "nothing fits", as in stage 1. Each batch draws `args.batch_size` rows with a target
-    (those train the mask losses) and `args.empty_rows` without (those train the "nothing fits" answers; 7 of 19 is
-    the world's share of empty targets, 37%). Every training row is prepared once (one drawn answer each), and
-    batches are drawn from those tensors: preparing the images batch by batch would take most of the time."""
+    (those train the mask losses) and `args.empty_rows` without (those train the "nothing fits" answers; the default,
+    7 of 19, is the world's share of empty targets, 37%). Every training row is prepared once (one drawn answer each),
+    and batches are drawn from those tensors: preparing the images batch by batch would take most of the time."""
     model, processor = small_model_and_processor(seed=seed)
     num_tasks = len(synthetic.TASKS)
     probes = PretrainingProbes(model.config, num_tasks)
