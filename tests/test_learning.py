@@ -46,9 +46,10 @@ Spearman (`OMP_NUM_THREADS=1` gives the default's bits, since `learn` sets one t
 image 0.189 (margin 0.218 over 0.1, 1.2x the spread); dense - wrong task 0.309 (margin 0.120 over 0.05, 0.4x);
 VLTP - random 0.164 (margin 0.118 over 0, 0.7x); VLTP - dense 0.034 (margin 0.156 over -0.15, 4.5x); nothing on empty
 - nothing on non-empty 0.057 (margin 0.303 over 0.15, 5.4x); Spearman 0.162 (margin 0.369 over 0.3, 2.3x). The
-smallest margins come from seed 2 (dense .38-.40 on every setting, where seed 1 reaches .57). LLaVA's CLIP at 64 px
-(`small_processor`) took "nothing" on non-empty targets from .14-.23 to .06-.13; at 32 px the same runs gave dense
-.41-.53. One seed takes about 80 CPU seconds (process time, one thread) in the default environment and with
+smallest margins come from seed 2 (dense .38-.40 on every setting, where seed 1 reaches .57); on seed 0, the test's,
+the smallest is dense - wrong task, 0.169 over 0.05 against a spread of 0.126 over the three settings. LLaVA's CLIP
+at 64 px (`small_processor`) took "nothing" on non-empty targets from .14-.23 to .06-.13; at 32 px the same runs gave
+dense .41-.53. One seed takes about 80 CPU seconds (process time, one thread) in the default environment and with
 `MKL_CBWR=AVX2`, about 120 with `MKL_CBWR=COMPATIBLE`, whose kernels are slower.
 
     python tests/test_learning.py --seeds 0 1 2   # the recipe on other seeds, one JSON line each
