@@ -4,8 +4,9 @@ after layer 1 of 4), from scratch, on the synthetic task world (all 12 tasks), o
 
 1. Pretraining stand-in: every weight of the small system but the prune decoder is trained densely on the training
    split (in the real system this is what the pretrained SAM and LLaVA bring), with `PretrainingProbes` standing in
-   for a pretrained LLaVA's knowledge of what a task asks for and of what is in the image. Empty targets are answered
-   "nothing fits", as the package's stage 1 does by default.
+   for a pretrained LLaVA's knowledge of what a task asks for and of what is in the image, and `TaskMapProbe` for
+   what a pretrained SAM's image embeddings hold. Empty targets are answered "nothing fits", as the package's stage 1
+   does by default.
 2. Stage 1 (`train`, stage 1): LISA's recipe on top, LoRA + projection + mask decoder + new-token rows, with the IoU
    loss and the "nothing fits" answers.
 3. Stage 2 (`train`, stage 2): VLTP@Finetune, one model per rate (0.5 and 0.8) from one `[SEG]` cache.
@@ -35,7 +36,13 @@ from transformers import get_cosine_schedule_with_warmup
 from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
 from modeling_vltp.data import LISA_ANSWERS, NO_TARGET_ANSWERS, VLTPDataCollator, load_rio, synthetic
 from modeling_vltp.data.collator import group_rows_by_image
-from modeling_vltp.testing import PretrainingProbes, small_model_and_processor, tasks_present
+from modeling_vltp.testing import (
+    PretrainingProbes,
+    TaskMapProbe,
+    small_model_and_processor,
+    task_maps,
+    tasks_present,
+)
 from modeling_vltp.training import (
     STAGE1_INPUTS,
     TrainConfig,
@@ -94,7 +101,8 @@ def prepare(rows: list, collator: VLTPDataCollator, chunk: int = 240) -> dict:
 
 def pretrain(world: Path, output: Path, args, seed: int) -> None:
     """Train every weight of the small system but the prune decoder densely for `args.pretrain_steps`, on LISA's
-    losses plus `args.probe_weight` times the losses of `PretrainingProbes`: the stand-in for pretrained SAM and LLaVA.
+    losses plus `args.probe_weight` times the losses of `PretrainingProbes` and `TaskMapProbe` (this one weighted by
+    `args.map_weight`): the stand-in for pretrained SAM and LLaVA.
     Empty targets are answered "nothing fits", as in stage 1. Each batch draws `args.batch_size` rows with a target
     (those train the mask losses) and `args.empty_rows` without (those train the "nothing fits" answers; the default,
     7 of 19, is the world's share of empty targets, 37%). Every training row is prepared once (one drawn answer each),
@@ -109,7 +117,13 @@ def pretrain(world: Path, output: Path, args, seed: int) -> None:
     data["task_index"] = torch.tensor([synthetic.TASK_OF_SENTENCE[row["task"].strip()] for row in rows])
     data["tasks_present"] = torch.stack([present[row["image_id"]] for row in rows])
 
-    parameters = [p for name, p in model.named_parameters() if "prune_decoder" not in name] + [*probes.parameters()]
+    map_probe = TaskMapProbe(model.config, num_tasks)
+    watching = map_probe.watch(model)
+    grid = model.vision_model.grid_size
+    maps = task_maps(data["masks"], data["image_of_row"], data["task_index"], num_tasks, grid)
+
+    parameters = [p for name, p in model.named_parameters() if "prune_decoder" not in name]
+    parameters += [*probes.parameters(), *map_probe.parameters()]
     steps = args.pretrain_steps
     optimizer = torch.optim.AdamW(parameters, lr=args.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 50), steps)
@@ -131,12 +145,14 @@ def pretrain(world: Path, output: Path, args, seed: int) -> None:
         model_inputs = {name: inputs[name] for name in STAGE1_INPUTS if name in inputs}
         outputs = model(**model_inputs, prune_rates=dense, output_hidden_states=True)
         probe_loss = probes(outputs, inputs["input_ids"], inputs["task_index"], inputs["tasks_present"])
-        loss = outputs.loss + args.probe_weight * probe_loss
+        map_loss = map_probe(outputs, maps[images])
+        loss = outputs.loss + args.probe_weight * (probe_loss + args.map_weight * map_loss)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+    watching.remove()
     model.eval().save_pretrained(output)
     processor.save_pretrained(output)
 
@@ -222,6 +238,9 @@ def main():
     parser.add_argument("--pretrain-steps", type=int, default=5000)
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
     parser.add_argument("--probe-weight", type=float, default=1.0, help="the probes of the pretraining stand-in")
+    parser.add_argument(
+        "--map-weight", type=float, default=1.0, help="TaskMapProbe's loss, relative to the other probes'"
+    )
     parser.add_argument("--stage1-steps", type=int, default=200)
     parser.add_argument("--stage2-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=12, help="rows a batch (in pretraining, rows with a target)")

@@ -320,3 +320,59 @@ class PretrainingProbes(nn.Module):
         pooled = (outputs.hidden_states[-1] * image_tokens).sum(1) / image_tokens.sum(1)
         image = nn.functional.binary_cross_entropy_with_logits(self.image(pooled), tasks_present)
         return task + image
+
+
+def task_maps(masks, image_of_row, task_index, num_tasks: int, grid: int, chunk: int = 1000) -> torch.Tensor:
+    """The targets of [`TaskMapProbe`]: (num_images, num_tasks, grid, grid), the share of each ViT token's patch that
+    each task's target covers, for every image. `masks` (R, S, S): each row's target in SAM's padded frame (as the
+    processor gives them); `image_of_row`, `task_index` (R,): each row's image (0, 1, ...) and task. A task without a
+    row for an image counts as covering none of it. Rows are pooled `chunk` at a time, so that boolean masks of a
+    whole training split need no float copy."""
+    maps = torch.zeros(int(image_of_row.max()) + 1, num_tasks, grid, grid)
+    for start in range(0, len(masks), chunk):
+        rows = slice(start, start + chunk)
+        pooled = nn.functional.adaptive_avg_pool2d(masks[rows].float(), grid)
+        maps[image_of_row[rows], task_index[rows]] = pooled
+    return maps
+
+
+class TaskMapProbe(nn.Module):
+    """A probe that stands in for what a pretrained SAM's image embeddings hold, when the small system of
+    [`small_config`] is trained from scratch (`benchmarks/learn_synthetic.py`; see docs/training.md, "Proof that it
+    learns"): a 1x1 convolution on the embeddings after SAM's neck names, for every token, the tasks whose target
+    covers it (binary cross-entropy against [`task_maps`]). Trained next to the model's own losses and then dropped.
+
+    Without it the mask losses, which reach the ViT only through the mask decoder, do not make it tell the objects
+    apart by shape, by being large or by texture within the benchmark's budget: the model segments every object for
+    those tasks.
+
+    [`watch`] hooks the probe onto a model's neck; every forward of the model then keeps its embeddings, one per
+    `[SEG]`, for the next call of the probe, which uses them once.
+    """
+
+    def __init__(self, config: VLTPConfig, num_tasks: int):
+        super().__init__()
+        self.classifier = nn.Conv2d(config.vision_config.output_channels, num_tasks, 1)
+        self._embeddings = None
+
+    def watch(self, model: VLTPForTaskSegmentation) -> torch.utils.hooks.RemovableHandle:
+        """Keep the image embeddings of every forward of `model`; remove the returned handle to stop."""
+
+        def keep(module, inputs, output):
+            self._embeddings = output
+
+        return model.vision_model.vision_encoder.neck.register_forward_hook(keep)
+
+    def forward(self, outputs, maps) -> torch.Tensor:
+        """The probe's loss on the embeddings of the last forward, whose output is `outputs`; `maps` (B, num_tasks,
+        grid, grid): [`task_maps`] of each row's image. A batch without `[SEG]` (SAM did not run) gives 0."""
+        embeddings, self._embeddings = self._embeddings, None
+        rows = outputs.seg_sample_indices
+        if len(rows) == 0:
+            return maps.new_zeros(())
+        if embeddings is None:
+            raise RuntimeError("TaskMapProbe has no image embeddings: call `watch(model)` before running the model")
+        if len(embeddings) != len(rows):
+            raise ValueError(f"The last forward made {len(embeddings)} image embeddings for {len(rows)} [SEG] rows")
+        logits = self.classifier(embeddings)
+        return nn.functional.binary_cross_entropy_with_logits(logits, maps[rows])

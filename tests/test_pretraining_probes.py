@@ -1,0 +1,74 @@
+"""The learning benchmark's pretraining probes (`modeling_vltp.testing`): the targets of `TaskMapProbe` and that its
+loss is computed on the embeddings the model's SAM side actually produced."""
+
+import pytest
+import torch
+
+from modeling_vltp.testing import TaskMapProbe, task_maps, tiny_model_and_processor
+
+
+def test_task_maps_give_each_patch_its_covered_share():
+    masks = torch.zeros(3, 32, 32, dtype=torch.bool)
+    masks[0, :8, :8] = True  # row 0: the whole top-left patch
+    masks[0, :8, 8:12] = True  # and half of the patch to its right
+    masks[1, 16:, 16:] = True  # row 1: the bottom-right quarter
+    masks[2, 4:6, 4:6] = True  # row 2 (another image): 4 pixels of a 64-pixel patch
+    maps = task_maps(
+        masks, image_of_row=torch.tensor([0, 0, 1]), task_index=torch.tensor([2, 0, 2]), num_tasks=3, grid=4, chunk=2
+    )  # two chunks; task 1 has no row for either image: it covers nothing
+
+    assert maps.shape == (2, 3, 4, 4)
+    expected = torch.zeros(2, 3, 4, 4)
+    expected[0, 2, 0, 0], expected[0, 2, 0, 1] = 1.0, 0.5
+    expected[0, 0, 2:, 2:] = 1.0
+    expected[1, 2, 0, 0] = 4 / 64
+    torch.testing.assert_close(maps, expected, rtol=0, atol=0)  # shares of 64 pixels are exact in float32
+
+
+def _batch(processor, answers):
+    """Three rows on three different random images (one mask each), answered with `answers`."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (48, 64, 3), generator=generator, dtype=torch.uint8).numpy() for _ in answers]
+    masks = [torch.rand(48, 64, generator=generator) > 0.5 for _ in answers]
+    tasks = ["sit on it", "hold the hot soup", "cut the food"][: len(answers)]
+    return processor(images=images, tasks=tasks, answers=answers, masks=masks)
+
+
+def test_task_map_probe_scores_the_embeddings_the_model_produced():
+    model, processor = tiny_model_and_processor()
+    grid = model.vision_model.grid_size
+    probe = TaskMapProbe(model.config, num_tasks=3)
+    batch = _batch(processor, ["Sure, [SEG].", "Nothing here fits.", "It is [SEG]."])
+    maps = task_maps(batch["masks"], torch.arange(3), torch.arange(3), 3, grid)
+
+    with pytest.raises(RuntimeError, match="call `watch\\(model\\)`"):
+        probe(model(**batch), maps)
+
+    handle = probe.watch(model)
+    outputs = model(**batch)
+    assert outputs.seg_sample_indices.tolist() == [0, 2]
+    loss = probe(outputs, maps)
+
+    # The same loss from the SAM side run on its own for the rows with [SEG]: the probe saw the model's embeddings,
+    # each row's own.
+    with torch.no_grad():
+        embeddings = model.vision_model(
+            batch["sam_pixel_values"][outputs.seg_sample_indices], guidance_embeds=outputs.seg_embeds
+        ).last_hidden_state
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(probe.classifier(embeddings), maps[[0, 2]])
+    torch.testing.assert_close(loss, expected)  # same kernels, same inputs, one process
+
+    # Its gradient reaches the ViT (what the probe is for) and the probe itself.
+    model.zero_grad()
+    loss.backward()
+    assert model.vision_model.vision_encoder.patch_embed.projection.weight.grad.abs().sum() > 0
+    assert probe.classifier.weight.grad.abs().sum() > 0
+
+    # A batch without [SEG] runs no SAM side: no loss, and the previous batch's embeddings are not reused.
+    model(**batch)
+    no_seg = _batch(processor, ["Nothing here fits.", "Sorry, nothing here fits."])
+    assert probe(model(**no_seg), maps[:2]).item() == 0
+    handle.remove()
+    model(**batch)
+    with pytest.raises(RuntimeError, match="call `watch"):
+        probe(model(**batch), maps)
