@@ -236,9 +236,11 @@ def test_bad_input_gives_one_line_and_a_non_zero_status(
 
 
 def test_segment_draws_the_pruning_map_of_a_one_pixel_image(tmp_path, capsys):
-    """The built-in demo answers with [SEG] here, so the map has a panel, drawn from tokens larger than the image."""
+    """The built-in demo answers with [SEG] here (for a dot of any of the world's colours), so the map has a panel,
+    drawn from tokens larger than the image."""
     Image.new("RGB", (1, 1), (90, 30, 200)).save(tmp_path / "dot.png")
-    arguments = ["segment", str(tmp_path / "dot.png"), "dig a hole", "--prune-rates", "0.5"]
+    task = "you can use the thing to cover a large hole"
+    arguments = ["segment", str(tmp_path / "dot.png"), task, "--prune-rates", "0.5"]
     assert main(arguments + ["--out", str(tmp_path / "m.png"), "--show-pruning", str(tmp_path / "p.png")]) == 0
     assert "pruning: after layer" in capsys.readouterr().out
     assert Image.open(tmp_path / "m.png").size == (1, 1) and Image.open(tmp_path / "p.png").size == (1, 1)
