@@ -64,7 +64,13 @@ def test_task_map_probe_scores_the_embeddings_the_model_produced():
     assert model.vision_model.vision_encoder.patch_embed.projection.weight.grad.abs().sum() > 0
     assert probe.classifier.weight.grad.abs().sum() > 0
 
-    # A batch without [SEG] runs no SAM side: no loss, and the previous batch's embeddings are not reused.
+    # Embeddings of another forward than the one whose output is given (here the SAM side alone, on all three rows).
+    model.vision_model(batch["sam_pixel_values"])
+    with pytest.raises(ValueError, match="made 3 image embeddings for 2 \\[SEG\\] rows"):
+        probe(outputs, maps)
+
+    # A batch without [SEG] runs no SAM side: no loss, and the embeddings kept from the batch before are dropped, so
+    # that, unwatched, the next call finds none.
     model(**batch)
     no_seg = _batch(processor, ["Nothing here fits.", "Sorry, nothing here fits."])
     assert probe(model(**no_seg), maps[:2]).item() == 0
