@@ -337,42 +337,54 @@ def task_maps(masks, image_of_row, task_index, num_tasks: int, grid: int, chunk:
 
 
 class TaskMapProbe(nn.Module):
-    """A probe that stands in for what a pretrained SAM's image embeddings hold, when the small system of
+    """A probe that stands in for what a pretrained SAM's image features hold, when the small system of
     [`small_config`] is trained from scratch (`benchmarks/learn_synthetic.py`; see docs/training.md, "Proof that it
-    learns"): a 1x1 convolution on the embeddings after SAM's neck names, for every token, the tasks whose target
-    covers it (binary cross-entropy against [`task_maps`]). Trained next to the model's own losses and then dropped.
+    learns"): a 1x1 convolution on the embeddings after SAM's neck, or with `layer` on the output of that ViT layer
+    (0-based, before the first pruning stage), names for every token the tasks whose target covers it (binary
+    cross-entropy against [`task_maps`]). Trained next to the model's own losses and then dropped.
 
     Without it the mask losses, which reach the ViT only through the mask decoder, do not make it tell the objects
     apart by shape, by being large or by texture within the benchmark's budget: the model segments every object for
-    those tasks.
+    those tasks. On the layer the prune decoder reads (`layer = prune_layers[0] - 1`) it stands in for the middle
+    layers of a pretrained ViT-H, where the paper prunes: features that already tell the objects apart.
 
-    [`watch`] hooks the probe onto a model's neck; every forward of the model then keeps its embeddings, one per
-    `[SEG]`, for the next call of the probe, which uses them once.
+    [`watch`] hooks the probe onto the model; every forward then keeps the features, one per row with a `[SEG]`, for
+    the next call of the probe, which uses them once.
     """
 
-    def __init__(self, config: VLTPConfig, num_tasks: int):
+    def __init__(self, config: VLTPConfig, num_tasks: int, layer: int | None = None):
         super().__init__()
-        self.classifier = nn.Conv2d(config.vision_config.output_channels, num_tasks, 1)
-        self._embeddings = None
+        vision = config.vision_config
+        if layer is not None and not 0 <= layer < vision.prune_layers[0]:
+            raise ValueError(
+                f"layer must be a ViT layer before the first pruning stage (0 to {vision.prune_layers[0] - 1}), "
+                f"got {layer}"
+            )
+        self.layer = layer
+        channels = vision.output_channels if layer is None else vision.hidden_size
+        self.classifier = nn.Conv2d(channels, num_tasks, 1)
+        self._features = None
 
     def watch(self, model: VLTPForTaskSegmentation) -> torch.utils.hooks.RemovableHandle:
-        """Keep the image embeddings of every forward of `model`; remove the returned handle to stop."""
+        """Keep the features of every forward of `model`; remove the returned handle to stop."""
+        encoder = model.vision_model.vision_encoder
 
         def keep(module, inputs, output):
-            self._embeddings = output
+            # The neck gives (N, C, grid, grid); a ViT layer (N, grid, grid, C).
+            self._features = output if self.layer is None else output.permute(0, 3, 1, 2)
 
-        return model.vision_model.vision_encoder.neck.register_forward_hook(keep)
+        return (encoder.neck if self.layer is None else encoder.layers[self.layer]).register_forward_hook(keep)
 
     def forward(self, outputs, maps) -> torch.Tensor:
-        """The probe's loss on the embeddings of the last forward, whose output is `outputs`; `maps` (B, num_tasks,
+        """The probe's loss on the features of the last forward, whose output is `outputs`; `maps` (B, num_tasks,
         grid, grid): [`task_maps`] of each row's image. A batch without `[SEG]` (SAM did not run) gives 0."""
-        embeddings, self._embeddings = self._embeddings, None
+        features, self._features = self._features, None
         rows = outputs.seg_sample_indices
         if len(rows) == 0:
             return maps.new_zeros(())
-        if embeddings is None:
-            raise RuntimeError("TaskMapProbe has no image embeddings: call `watch(model)` before running the model")
-        if len(embeddings) != len(rows):
-            raise ValueError(f"The last forward made {len(embeddings)} image embeddings for {len(rows)} [SEG] rows")
-        logits = self.classifier(embeddings)
+        if features is None:
+            raise RuntimeError("TaskMapProbe has no image features: call `watch(model)` before running the model")
+        if len(features) != len(rows):
+            raise ValueError(f"The last forward made {len(features)} image features for {len(rows)} [SEG] rows")
+        logits = self.classifier(features)
         return nn.functional.binary_cross_entropy_with_logits(logits, maps[rows])

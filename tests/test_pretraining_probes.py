@@ -66,7 +66,7 @@ def test_task_map_probe_scores_the_embeddings_the_model_produced():
 
     # Embeddings of another forward than the one whose output is given (here the SAM side alone, on all three rows).
     model.vision_model(batch["sam_pixel_values"])
-    with pytest.raises(ValueError, match="made 3 image embeddings for 2 \\[SEG\\] rows"):
+    with pytest.raises(ValueError, match="made 3 image features for 2 \\[SEG\\] rows"):
         probe(outputs, maps)
 
     # A batch without [SEG] runs no SAM side: no loss, and the embeddings kept from the batch before are dropped, so
@@ -78,3 +78,39 @@ def test_task_map_probe_scores_the_embeddings_the_model_produced():
     model(**batch)
     with pytest.raises(RuntimeError, match="call `watch"):
         probe(model(**batch), maps)
+
+
+def test_task_map_probe_on_the_layer_the_prune_decoder_reads():
+    model, processor = tiny_model_and_processor()
+    encoder = model.vision_model.vision_encoder
+    layer = model.config.vision_config.prune_layers[0] - 1
+    with pytest.raises(ValueError, match="before the first pruning stage"):
+        TaskMapProbe(model.config, num_tasks=3, layer=layer + 1)
+    probe = TaskMapProbe(model.config, num_tasks=3, layer=layer)
+    batch = _batch(processor, ["It is [SEG].", "Nothing here fits.", "Sure, [SEG]."])
+    maps = task_maps(batch["masks"], torch.arange(3), torch.arange(3), 3, model.vision_model.grid_size)
+
+    handle = probe.watch(model)
+    outputs = model(**batch)
+    assert outputs.seg_sample_indices.tolist() == [0, 2]
+    loss = probe(outputs, maps)
+
+    # The same loss from the ViT's layers up to `layer` run on their own for the rows with [SEG].
+    with torch.no_grad():
+        features = encoder(batch["sam_pixel_values"][[0, 2]])
+        for vit_layer in encoder.layers[: layer + 1]:
+            features = vit_layer(features)
+        logits = probe.classifier(features.permute(0, 3, 1, 2))
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, maps[[0, 2]])
+    torch.testing.assert_close(loss, expected)  # same kernels, same inputs, one process
+
+    # Its gradient reaches the layers up to `layer` and none after it.
+    model.zero_grad()
+    loss.backward()
+    assert encoder.layers[layer].mlp.lin2.weight.grad.abs().sum() > 0
+    assert encoder.layers[layer + 1].mlp.lin2.weight.grad is None
+
+    model.vision_model(batch["sam_pixel_values"])  # another forward: three images
+    with pytest.raises(ValueError, match="made 3 image features for 2 \\[SEG\\] rows"):
+        probe(outputs, maps)
+    handle.remove()
