@@ -39,14 +39,14 @@ class OracleTokenScores(nn.Module):
 
     def forward(self, image_tokens: torch.Tensor, guidance_embeds: torch.Tensor) -> torch.Tensor:
         scores = self.prune_decoder(image_tokens, guidance_embeds)
-        # Above any score the prune decoder gives (its logits are far below 1e4 in magnitude).
-        return torch.where(self.covered > 0, 1e4 + self.covered, scores)
+        above_all = scores.max(dim=-1, keepdim=True).values + 1
+        return torch.where(self.covered > 0, above_all + self.covered, scores)
 
 
 def mean_ious(folder: Path, rate: float) -> dict:
     """Dense, VLTP and oracle mean IoU at `rate` on the held-out samples with a target of one seed's `folder`."""
     world = folder / "world"
-    samples = with_targets(load_rio(world, world, "common"))
+    held_out = with_targets(load_rio(world, world, "common"))
     processor = VLTPProcessor.from_pretrained(folder / "stage1")
     models = {
         "dense": VLTPForTaskSegmentation.from_pretrained(folder / "stage1").eval(),
@@ -56,19 +56,20 @@ def mean_ious(folder: Path, rate: float) -> dict:
     prune_decoder, oracle = vision.prune_decoder, OracleTokenScores(vision.prune_decoder)
     collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
     ious = {"dense": [], "vltp": [], "oracle": []}
-    for index in tqdm(range(len(samples)), desc=f"{folder.name}, rate {rate:g}", mininterval=10):
-        batch = collator([samples[index]])
-        grid = vision.grid_size
-        oracle.covered = nn.functional.adaptive_avg_pool2d(batch["masks"][:1].float(), grid).flatten(1)
+    for index in tqdm(range(len(held_out)), desc=f"{folder.name}, rate {rate:g}", mininterval=10):
+        batch = collator([held_out[index]])
+        oracle.covered = nn.functional.adaptive_avg_pool2d(batch["masks"][:1].float(), vision.grid_size).flatten(1)
         for name in ious:
             model = models["dense" if name == "dense" else "vltp"]
             vision.prune_decoder = oracle if name == "oracle" else prune_decoder
             with torch.no_grad():
-                _, seg, rows = model.seg_embeddings(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+                _, seg, samples = model.seg_embeddings(
+                    batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+                )
                 images = torch.zeros(len(seg), dtype=torch.long)
                 rates = [0.0] if name == "dense" else [rate]
                 pred_masks, _, _ = model._decode_by_image(batch["sam_pixel_values"], seg, images, rates)
-            intersection, union = mask_overlaps(processor, pred_masks, rows, batch)[0].tolist()
+            intersection, union = mask_overlaps(processor, pred_masks, samples, batch)[0].tolist()
             ious[name].append(intersection / union)
     vision.prune_decoder = prune_decoder
     return {name: float(np.mean(values)) for name, values in ious.items()}
