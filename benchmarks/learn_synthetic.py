@@ -150,8 +150,9 @@ def pretrain(world: Path, output: Path, args, seed: int) -> None:
         model_inputs = {name: inputs[name] for name in STAGE1_INPUTS if name in inputs}
         outputs = model(**model_inputs, prune_rates=dense, output_hidden_states=True)
         probe_loss = probes(outputs, inputs["input_ids"], inputs["task_index"], inputs["tasks_present"])
-        map_loss = args.map_weight * map_probe(outputs, maps[images])
-        map_loss = map_loss + args.layer_map_weight * layer_map_probe(outputs, maps[images])
+        batch_maps = maps[images]
+        map_loss = args.map_weight * map_probe(outputs, batch_maps)
+        map_loss = map_loss + args.layer_map_weight * layer_map_probe(outputs, batch_maps)
         loss = outputs.loss + args.probe_weight * (probe_loss + map_loss)
         optimizer.zero_grad()
         loss.backward()

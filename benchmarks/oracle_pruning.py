@@ -55,22 +55,27 @@ def mean_ious(folder: Path, rate: float) -> dict:
     vision = models["vltp"].vision_model
     prune_decoder, oracle = vision.prune_decoder, OracleTokenScores(vision.prune_decoder)
     collator = VLTPDataCollator(processor, [DEFAULT_ANSWER], keep_targets=True)
-    ious = {"dense": [], "vltp": [], "oracle": []}
+    # (model, token choice, rate) of each figure
+    runs = {
+        "dense": ("dense", prune_decoder, 0.0),
+        "vltp": ("vltp", prune_decoder, rate),
+        "oracle": ("vltp", oracle, rate),
+    }
+    ious = {name: [] for name in runs}
     for index in tqdm(range(len(held_out)), desc=f"{folder.name}, rate {rate:g}", mininterval=10):
-        batch = collator([held_out[index]])
+        batch = collator([held_out[index]])  # one sample: one image, one [SEG]
         oracle.covered = nn.functional.adaptive_avg_pool2d(batch["masks"][:1].float(), vision.grid_size).flatten(1)
-        for name in ious:
-            model = models["dense" if name == "dense" else "vltp"]
-            vision.prune_decoder = oracle if name == "oracle" else prune_decoder
-            with torch.no_grad():
-                _, seg, samples = model.seg_embeddings(
-                    batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
-                )
-                images = torch.zeros(len(seg), dtype=torch.long)
-                rates = [0.0] if name == "dense" else [rate]
-                pred_masks, _, _ = model._decode_by_image(batch["sam_pixel_values"], seg, images, rates)
-            intersection, union = mask_overlaps(processor, pred_masks, samples, batch)[0].tolist()
-            ious[name].append(intersection / union)
+        with torch.no_grad():
+            seg = {
+                name: model.seg_embeddings(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1:]
+                for name, model in models.items()
+            }
+            for name, (model_name, choice, run_rate) in runs.items():
+                vision.prune_decoder = choice
+                seg_embeds, samples = seg[model_name]
+                pred_masks, _, _ = models[model_name].decode_masks(batch["sam_pixel_values"], seg_embeds, [run_rate])
+                intersection, union = mask_overlaps(processor, pred_masks, samples, batch)[0].tolist()
+                ious[name].append(intersection / union)
     vision.prune_decoder = prune_decoder
     return {name: float(np.mean(values)) for name, values in ious.items()}
 
