@@ -169,7 +169,8 @@ class TrainConfig:
     """One `vltp train` run, as read from its YAML file (schema in `docs/training.md`).
 
     `model` is a local VLTP checkpoint with its processor: the system to finetune in stage 1, a stage-1 (or earlier
-    stage-2) output in stage 2. `prune_rates` (stage 2) gives one rate per pruning stage; `seg_cache` (stage 2) is the
+    stage-2) output in stage 2. `prune_rates` (stage 2) gives one rate per pruning stage; `prune_temperature` (stage 2)
+    sets the model's `vision_config.prune_temperature` (Eq. 11's smoothing) for the run; `seg_cache` (stage 2) is the
     folder of the `[SEG]` cache, built there from `model` when absent; `group_by_image` (stage 2) keeps each image's
     rows in one training batch ([`ImageBatchSampler`]), so that its tasks share the ViT's dense prefix. `training`
     holds `TrainingArguments` fields.
@@ -187,6 +188,7 @@ class TrainConfig:
     empty_targets: str = "answer_nothing"
     no_target_answers: list[str] = field(default_factory=lambda: list(NO_TARGET_ANSWERS))
     prune_rates: list[float] | None = None
+    prune_temperature: float | None = None
     seg_cache: str | None = None
     train_mask_decoder: bool = True
     group_by_image: bool = True
@@ -935,7 +937,8 @@ def write_back_segmenter(
     segmenter: VLTPSamModel, base_model: str, output_dir: str, prune_rates, processor: VLTPProcessor
 ) -> None:
     """Save the full checkpoint of `base_model` with the segmenter's weights in place of its own and
-    `vision_config.prune_rates` set to `prune_rates`, shard by shard, without building LLaVA."""
+    `vision_config.prune_rates` set to `prune_rates` and the segmenter's `prune_temperature`, shard by shard, without
+    building LLaVA."""
     base, output = Path(base_model), Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     state = segmenter.state_dict()
@@ -953,6 +956,7 @@ def write_back_segmenter(
         shutil.copyfile(index, output / index.name)
     config = VLTPConfig.from_pretrained(base)
     config.vision_config.prune_rates = [float(rate) for rate in prune_rates]
+    config.vision_config.prune_temperature = segmenter.config.vision_config.prune_temperature
     config.save_pretrained(output)
     processor.save_pretrained(output)
 
@@ -981,6 +985,8 @@ def train_stage2(config: TrainConfig, callbacks=None) -> TrainSummary:
         train_rows = with_targets(train_rows)
     set_seed(args.seed)
     segmenter = VLTPSamModel.from_pretrained(config.model)
+    if config.prune_temperature is not None:
+        segmenter.config.vision_config.prune_temperature = config.prune_temperature
     segmenter.requires_grad_(False)
     segmenter.vision_model.prune_decoder.requires_grad_(True)
     segmenter.mask_decoder.requires_grad_(config.train_mask_decoder)
@@ -1060,8 +1066,9 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, d
         raise config.error("cache_batch_size", f"must be at least 1, got {config.cache_batch_size}")
     num_stages = len(vltp_config.vision_config.prune_layers)
     if config.stage == 1:
-        if config.prune_rates is not None:
-            raise config.error("prune_rates", "stage 1 trains the dense model; pruning rates are set in stage 2")
+        for name in ("prune_rates", "prune_temperature"):
+            if getattr(config, name) is not None:
+                raise config.error(name, "stage 1 trains the dense model; pruning is set in stage 2")
     else:
         if config.prune_rates is None:
             raise config.error("prune_rates", f"missing: stage 2 needs one rate per pruning stage ({num_stages})")
@@ -1069,6 +1076,8 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, d
             check_prune_rates(config.prune_rates, num_stages)
         except ValueError as error:
             raise config.error("prune_rates", str(error)) from None
+        if config.prune_temperature is not None and not 0 < config.prune_temperature < math.inf:
+            raise config.error("prune_temperature", f"must be a finite number > 0, got {config.prune_temperature}")
         if config.seg_cache is None:
             raise config.error(
                 "seg_cache", "missing: stage 2 needs the folder of the [SEG] cache (built there when absent)"

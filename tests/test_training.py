@@ -251,6 +251,17 @@ def test_stage2_trains_prune_and_mask_decoders_from_the_cache_without_llava(
     torch.testing.assert_close(weights(tmp_path / "again"), after)  # same seed, same data, same result
 
 
+def test_stage2_prune_temperature_smooths_the_training_mask_and_is_saved(world, stage1, stage2, tmp_path):
+    output, cache, _ = stage2
+    softer = tmp_path / "softer"
+    train(TrainConfig.from_dict(stage2_settings(world, stage1[0], softer, cache, prune_temperature=3.0), stage=2))
+    configs = [VLTPForTaskSegmentation.config_class.from_pretrained(path).vision_config for path in (output, softer)]
+    assert [config.prune_temperature for config in configs] == [1.0, 3.0]
+    # Same seed and data as the default run, so only the temperature of Eq. 11's smoothed mask makes them differ.
+    name = "vision_model.prune_decoder.conv1.weight"
+    assert not torch.equal(weights(output)[name], weights(softer)[name])
+
+
 def test_rate_change_finetunes_from_the_previous_rates_checkpoint(world, stage2, tmp_path):
     previous, cache, _ = stage2
     output = tmp_path / "rate75"
@@ -712,7 +723,13 @@ BAD_INPUTS = {
         lambda c, t, w: c.update(no_target_answers=["None.", "It is [SEG]."]),
         "field 'no_target_answers': need at least one non-empty answer, none holding \\[SEG\\]",
     ),
-    "rates in stage 1": (1, lambda c, t, w: c.update(prune_rates=[0.5]), "stage 1 trains the dense model"),
+    "rates in stage 1": (1, lambda c, t, w: c.update(prune_rates=[0.5]), "field 'prune_rates': stage 1 trains"),
+    "temperature in stage 1": (
+        1,
+        lambda c, t, w: c.update(prune_temperature=3.0),
+        "field 'prune_temperature': stage 1 trains the dense model",
+    ),
+    "temperature 0": (2, lambda c, t, w: c.update(prune_temperature=0), "'prune_temperature': must be a finite"),
     "resume without checkpoint": (
         1,
         lambda c, t, w: c.update(resume_from_checkpoint=True),
