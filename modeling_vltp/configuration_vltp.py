@@ -5,6 +5,7 @@ next to the weights so that `trust_remote_code=True` works without this package 
 """
 
 import contextlib
+import math
 
 from transformers import LlavaConfig, PreTrainedConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
@@ -82,7 +83,9 @@ class VLTPVisionConfig(SamVisionConfig):
         Standard deviation of the prune decoder's initial weights (SAM's own `initializer_range` is 1e-10, which
         would leave a freshly initialised prune decoder without signal).
     prune_temperature (`float`, *optional*, defaults to 1.0):
-        Temperature of the sigmoid that smooths the top-k selection of Eq. 11 during training.
+        Temperature of the sigmoid that smooths the top-k selection of Eq. 11 during training (finite, > 0). A higher
+        one passes the losses' gradients to tokens further from the cut; stage 2 can set it (`prune_temperature` in
+        its YAML config).
 
     The LayerNorms of the prune decoder's two-way transformer use this config's `layer_norm_eps`, the ViT's (1e-6 in
     SAM's configs): the prune decoder reuses transformers' `SamTwoWayTransformer`, which reads `layer_norm_eps` from
@@ -144,6 +147,10 @@ class VLTPVisionConfig(SamVisionConfig):
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"prune_layers must be strictly increasing (sorted, no duplicates), got {layers}.")
         check_prune_rates(rates, len(layers))
+        temperature = self.prune_temperature
+        number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+        if not number or not 0 < temperature < math.inf:
+            raise ValueError(f"prune_temperature must be a finite number > 0, got {temperature!r}.")
         sizes = ["prune_decoder_hidden_size", "prune_decoder_num_hidden_layers", "prune_decoder_num_attention_heads"]
         sizes += ["prune_decoder_mlp_dim", "prune_decoder_attention_downsample_rate", "guidance_dim"]
         for name in sizes:

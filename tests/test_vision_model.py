@@ -462,6 +462,8 @@ def test_bad_inputs_raise_clear_errors(pixel_shape, guidance_shape, rates, messa
         (dict(prune_decoder_num_attention_heads=16), r"cross-attention width .* \(8\)"),
         (dict(prune_decoder_mlp_dim=-1), "prune_decoder_mlp_dim must be a positive integer"),
         (dict(guidance_dim=0), "guidance_dim must be a positive integer"),
+        (dict(prune_temperature=0.0), "prune_temperature must be a finite number > 0, got 0.0"),
+        (dict(prune_temperature=float("inf")), "prune_temperature must be a finite number > 0, got inf"),
     ],
 )
 def test_config_validation_names_the_field(fields, message):
