@@ -18,7 +18,7 @@ token greedy generation would pick, read from one teacher-forced pass), on the e
 the score's Spearman correlation is over the dense masks of the non-empty pairs.
 
 Why six tasks, not the world's twelve: the SAM side learns to pick objects by trait slowly, and by shape not at all
-within the benchmark's 5000 steps (for the shape tasks it segments every object; see docs/training.md), so on all
+within the benchmark's 4000 steps (for the shape tasks it segments every object; see docs/training.md), so on all
 twelve the test would mostly measure the other tasks. On the colour and size tasks the decoder picks by trait within
 350 steps.
 
