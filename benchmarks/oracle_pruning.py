@@ -66,13 +66,13 @@ def mean_ious(folder: Path, rate: float) -> dict:
         batch = collator([held_out[index]])  # one sample: one image, one [SEG]
         oracle.covered = nn.functional.adaptive_avg_pool2d(batch["masks"][:1].float(), vision.grid_size).flatten(1)
         with torch.no_grad():
-            seg = {
-                name: model.seg_embeddings(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1:]
-                for name, model in models.items()
-            }
+            # Stage 2 leaves LLaVA and the [SEG] projection as stage 1 made them (its [SEG] cache relies on that), so
+            # both models guide SAM with the same embeddings.
+            _, seg_embeds, samples = models["dense"].seg_embeddings(
+                batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+            )
             for name, (model_name, choice, run_rate) in runs.items():
                 vision.prune_decoder = choice
-                seg_embeds, samples = seg[model_name]
                 pred_masks, _, _ = models[model_name].decode_masks(batch["sam_pixel_values"], seg_embeds, [run_rate])
                 intersection, union = mask_overlaps(processor, pred_masks, samples, batch)[0].tolist()
                 ious[name].append(intersection / union)

@@ -147,10 +147,7 @@ class VLTPVisionConfig(SamVisionConfig):
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"prune_layers must be strictly increasing (sorted, no duplicates), got {layers}.")
         check_prune_rates(rates, len(layers))
-        temperature = self.prune_temperature
-        number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-        if not number or not 0 < temperature < math.inf:
-            raise ValueError(f"prune_temperature must be a finite number > 0, got {temperature!r}.")
+        check_prune_temperature(self.prune_temperature)
         sizes = ["prune_decoder_hidden_size", "prune_decoder_num_hidden_layers", "prune_decoder_num_attention_heads"]
         sizes += ["prune_decoder_mlp_dim", "prune_decoder_attention_downsample_rate", "guidance_dim"]
         for name in sizes:
@@ -189,6 +186,13 @@ def check_prune_rates(rates, num_stages: int, name: str = "prune_rates"):
         raise ValueError(f"{name} must give one rate per pruning stage ({num_stages}), got {len(rates)}: {rates}.")
     if any(not 0.0 <= float(rate) < 1.0 for rate in rates):
         raise ValueError(f"{name} must each be in [0, 1), got {rates}.")
+
+
+def check_prune_temperature(temperature, name: str = "prune_temperature"):
+    """Raise `ValueError` unless `temperature` (which divides the pruning scores) is a finite number > 0."""
+    number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not number or not 0 < temperature < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}.")
 
 
 class VLTPConfig(PreTrainedConfig):

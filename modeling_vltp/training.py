@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import seed_worker
 
-from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates
+from .configuration_vltp import VLTPConfig, VLTPVisionConfig, check_prune_rates, check_prune_temperature
 from .data import load_coco_tasks, load_rio, resolve_task_names
 from .data.collator import (
     LISA_ANSWERS,
@@ -1076,8 +1076,11 @@ def check_config(config: TrainConfig) -> tuple[Dataset | None, Dataset | None, d
             check_prune_rates(config.prune_rates, num_stages)
         except ValueError as error:
             raise config.error("prune_rates", str(error)) from None
-        if config.prune_temperature is not None and not 0 < config.prune_temperature < math.inf:
-            raise config.error("prune_temperature", f"must be a finite number > 0, got {config.prune_temperature}")
+        if config.prune_temperature is not None:
+            try:
+                check_prune_temperature(config.prune_temperature)
+            except ValueError as error:
+                raise config.error("prune_temperature", str(error)) from None
         if config.seg_cache is None:
             raise config.error(
                 "seg_cache", "missing: stage 2 needs the folder of the [SEG] cache (built there when absent)"

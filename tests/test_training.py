@@ -729,7 +729,11 @@ BAD_INPUTS = {
         lambda c, t, w: c.update(prune_temperature=3.0),
         "field 'prune_temperature': stage 1 trains the dense model",
     ),
-    "temperature 0": (2, lambda c, t, w: c.update(prune_temperature=0), "'prune_temperature': must be a finite"),
+    "temperature 0": (
+        2,
+        lambda c, t, w: c.update(prune_temperature=0),
+        "field 'prune_temperature': prune_temperature must be a finite number > 0, got 0",
+    ),
     "resume without checkpoint": (
         1,
         lambda c, t, w: c.update(resume_from_checkpoint=True),
