@@ -105,16 +105,16 @@ def prepare(rows: list, collator: VLTPDataCollator, chunk: int = 240) -> dict:
 
 def pretrain(world: Path, output: Path, args, seed: int) -> None:
     """Train every weight of the small system but the prune decoder densely for `args.pretrain_steps`, on LISA's
-    losses plus `args.probe_weight` times the losses of `PretrainingProbes` and of two `TaskMapProbe`s, on the neck
-    (weighted by `args.map_weight`) and on the ViT layer the prune decoder reads (`args.layer_map_weight`): the
-    stand-in for pretrained SAM and LLaVA.
+    losses plus `args.probe_weight` times the losses of `PretrainingProbes` (its task probe weighted by
+    `args.task_probe_weight`) and of two `TaskMapProbe`s, on the neck (weighted by `args.map_weight`) and on the ViT
+    layer the prune decoder reads (`args.layer_map_weight`): the stand-in for pretrained SAM and LLaVA.
     Empty targets are answered "nothing fits", as in stage 1. Each batch draws `args.batch_size` rows with a target
     (those train the mask losses) and `args.empty_rows` without (those train the "nothing fits" answers; the default,
     7 of 19, is the world's share of empty targets, 37%). Every training row is prepared once (one drawn answer each),
     and batches are drawn from those tensors: preparing the images batch by batch would take most of the time."""
     model, processor = small_model_and_processor(seed=seed)
     num_tasks = len(synthetic.TASKS)
-    probes = PretrainingProbes(model.config, num_tasks)
+    probes = PretrainingProbes(model.config, num_tasks, args.task_probe_weight)
     dataset = load_rio(world, world, "train")
     rows = list(dataset)
     data = prepare(rows, VLTPDataCollator(processor, LISA_ANSWERS, seed, no_target_answers=NO_TARGET_ANSWERS))
@@ -252,6 +252,12 @@ def main():
     parser.add_argument("--pretrain-steps", type=int, default=4000)
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
     parser.add_argument("--probe-weight", type=float, default=1.0, help="the probes of the pretraining stand-in")
+    parser.add_argument(
+        "--task-probe-weight",
+        type=float,
+        default=1.0,
+        help="the task probe's loss, relative to the image probe's; 0 leaves it out (see benchmarks/seg_guidance.py)",
+    )
     parser.add_argument(
         "--map-weight", type=float, default=1.0, help="TaskMapProbe's loss on the neck, relative to the other probes'"
     )

@@ -295,27 +295,31 @@ class PretrainingProbes(nn.Module):
     is trained from scratch (`benchmarks/learn_synthetic.py`, `tests/test_learning.py`; see docs/training.md, "Proof
     that it learns"). Trained next to the model's own losses and then dropped:
 
-    - `task`, on the `[SEG]` embeddings: which of `num_tasks` tasks the row asks for (cross-entropy). Without it the
-      tiny LLaMA does not put the task into its `[SEG]` state (30-45% nearest-centroid task accuracy after 300 steps),
-      so SAM gets no usable guidance;
+    - `task`, on the `[SEG]` embeddings: which of `num_tasks` tasks the row asks for (cross-entropy), weighted by
+      `task_weight`. Without it the tiny LLaMA does not put the task into its `[SEG]` state, so SAM gets no usable
+      guidance: SAM's mask decoder never starts reading `[SEG]` states that barely differ, and so sends back no
+      gradient that would set them apart (`benchmarks/seg_guidance.py`);
     - `image`, on the language model's last hidden states averaged over the image tokens: which of the tasks the
       image answers, i.e. has an object for (binary cross-entropy per task). Without it the tiny LLaVA answers
       "nothing fits" from the task's words alone: after 1500 steps its share of such answers was the same on empty and
       non-empty targets, task by task.
     """
 
-    def __init__(self, config: VLTPConfig, num_tasks: int):
+    def __init__(self, config: VLTPConfig, num_tasks: int, task_weight: float = 1.0):
         super().__init__()
         self.image_token_id = config.llava_config.image_token_id
+        self.task_weight = task_weight
         self.task = nn.Linear(config.vision_config.guidance_dim, num_tasks)
         self.image = nn.Linear(config.llava_config.text_config.hidden_size, num_tasks)
 
     def forward(self, outputs, input_ids, task_index, tasks_present) -> torch.Tensor:
-        """The sum of both probes' losses. `outputs`: the model's output for `input_ids`, run with
-        `output_hidden_states=True`; `task_index` (B,): each row's task; `tasks_present` (B, num_tasks): 1 for each
-        task that the row's image answers."""
-        task_logits = self.task(outputs.seg_embeds)
-        task = nn.functional.cross_entropy(task_logits, task_index[outputs.seg_sample_indices])
+        """The image probe's loss plus `task_weight` times the task probe's (left out at weight 0). `outputs`: the
+        model's output for `input_ids`, run with `output_hidden_states=True`; `task_index` (B,): each row's task;
+        `tasks_present` (B, num_tasks): 1 for each task that the row's image answers."""
+        task = 0.0
+        if self.task_weight:
+            task_logits = self.task(outputs.seg_embeds)
+            task = self.task_weight * nn.functional.cross_entropy(task_logits, task_index[outputs.seg_sample_indices])
         image_tokens = (input_ids == self.image_token_id).unsqueeze(-1).float()
         pooled = (outputs.hidden_states[-1] * image_tokens).sum(1) / image_tokens.sum(1)
         image = nn.functional.binary_cross_entropy_with_logits(self.image(pooled), tasks_present)

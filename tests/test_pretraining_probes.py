@@ -1,10 +1,10 @@
 """The learning benchmark's pretraining probes (`modeling_vltp.testing`): the targets of `TaskMapProbe` and that its
-loss is computed on the embeddings the model's SAM side actually produced."""
+loss is computed on the embeddings the model's SAM side actually produced; `PretrainingProbes`' task weight."""
 
 import pytest
 import torch
 
-from modeling_vltp.testing import TaskMapProbe, task_maps, tiny_model_and_processor
+from modeling_vltp.testing import PretrainingProbes, TaskMapProbe, task_maps, tiny_model_and_processor
 
 
 def test_task_maps_give_each_patch_its_covered_share():
@@ -114,3 +114,25 @@ def test_task_map_probe_on_the_layer_the_prune_decoder_reads():
     with pytest.raises(ValueError, match="made 3 image features for 2 \\[SEG\\] rows"):
         probe(outputs, maps)
     handle.remove()
+
+
+def test_pretraining_probes_weigh_the_task_probe_and_leave_it_out_at_zero():
+    model, processor = tiny_model_and_processor()
+    batch = _batch(processor, ["Sure, [SEG].", "Nothing here fits.", "It is [SEG]."])
+    task_index, tasks_present = torch.tensor([2, 0, 1]), torch.tensor([[0.0, 0, 1], [1, 1, 0], [0, 1, 0]])
+    outputs = model(**batch, output_hidden_states=True)
+    probes = {weight: PretrainingProbes(model.config, 3, task_weight=weight) for weight in (0.0, 1.0, 2.5)}
+    for probe in probes.values():
+        probe.load_state_dict(probes[1.0].state_dict())  # the same probe weights, three task weights
+    losses = {w: probe(outputs, batch["input_ids"], task_index, tasks_present) for w, probe in probes.items()}
+
+    # The task probe's own loss: cross-entropy of the [SEG] rows' (0 and 2) task logits.
+    task = torch.nn.functional.cross_entropy(probes[1.0].task(outputs.seg_embeds), task_index[[0, 2]])
+    assert task > 0
+    torch.testing.assert_close(losses[1.0] - losses[0.0], task)  # float32 rounding of one subtraction
+    torch.testing.assert_close(losses[2.5] - losses[0.0], 2.5 * task)
+
+    # At weight 0 the task probe is left out of the graph: its weights get no gradient, the image probe's do.
+    losses[0.0].backward()
+    assert probes[0.0].task.weight.grad is None
+    assert probes[0.0].image.weight.grad.abs().sum() > 0
