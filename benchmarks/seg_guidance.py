@@ -20,6 +20,7 @@ import torch
 
 from modeling_vltp import VLTPForTaskSegmentation, VLTPProcessor
 from modeling_vltp.data import LISA_ANSWERS, VLTPDataCollator, load_rio, synthetic
+from modeling_vltp.metrics import sample_ious
 from modeling_vltp.training import with_targets
 
 
@@ -61,9 +62,7 @@ def measure(model_dir: str, rows: list) -> dict:
     (output.mask_bce_loss + output.mask_dice_loss).backward()
     tasks = torch.tensor([synthetic.TASK_OF_SENTENCE[row["task"].strip()] for row in rows])[samples]
     input_ids, labels = batch["input_ids"][samples], batch["labels"][samples]
-    _, seg_positions = model.seg_positions(input_ids)
-    if model.config.seg_hidden_state == "before_seg":
-        seg_positions = seg_positions - 1
+    _, seg_positions = model.seg_positions(input_ids)  # the states read as [SEG]
     # The question: the tokens after the image and before the answer (the labelled tokens).
     positions = torch.arange(input_ids.shape[1])[None]
     after_image = positions > (positions * (input_ids == model.config.llava_config.image_token_id)).amax(1, True)
@@ -74,11 +73,10 @@ def measure(model_dir: str, rows: list) -> dict:
         partner = next_row_of_same_image([rows[int(sample)]["image_id"] for sample in samples])
         swapped = model.decode_masks(batch["sam_pixel_values"][samples], seg_embeds[partner], [0.0])[0] > 0
     own = output.pred_masks.detach() > 0
-    union = (own | swapped).flatten(1).sum(1)
-    prompt_iou = torch.where(union > 0, (own & swapped).flatten(1).sum(1) / union.clamp(min=1), 1.0)
+    prompt_ious = sample_ious((own & swapped).flatten(1).sum(1).tolist(), (own | swapped).flatten(1).sum(1).tolist())
     embeds = seg_embeds.detach()
     return {
-        "prompt IoU": prompt_iou.mean().item(),
+        "prompt IoU": sum(prompt_ious) / len(prompt_ious),
         "[SEG] spread": ((embeds - embeds.mean(0)).norm(dim=1).mean() / embeds.norm(dim=1).mean()).item(),
         "[SEG] task share": task_share(embeds, tasks),
         "gradient task share": task_share(seg_embeds.grad, tasks),
@@ -93,7 +91,6 @@ def main():
     parser.add_argument("--world", required=True, help="the synthetic world of those models (OUT/seed<N>/world)")
     parser.add_argument("--rows", type=int, default=240, help="held-out samples with a target to measure on")
     args = parser.parse_args()
-    torch.manual_seed(0)
     rows = list(with_targets(load_rio(args.world, args.world, "common")))[: args.rows]
     results = {model: measure(model, rows) for model in args.models}
     names = list(next(iter(results.values())))
