@@ -76,6 +76,7 @@ def training_settings(steps: int, batch_size: int, learning_rate: float, seed: i
     }
 
 
+TASK_MAP_PROBES = "task_map_probes.pt"  # the pretraining's task-map probes, beside the model it saves
 PER_IMAGE = ("sam_pixel_values", "original_sizes", "reshaped_input_sizes")  # what `prepare` keeps once per image
 
 
@@ -111,7 +112,8 @@ def pretrain(world: Path, output: Path, args, seed: int) -> None:
     Empty targets are answered "nothing fits", as in stage 1. Each batch draws `args.batch_size` rows with a target
     (those train the mask losses) and `args.empty_rows` without (those train the "nothing fits" answers; the default,
     7 of 19, is the world's share of empty targets, 37%). Every training row is prepared once (one drawn answer each),
-    and batches are drawn from those tensors: preparing the images batch by batch would take most of the time."""
+    and batches are drawn from those tensors: preparing the images batch by batch would take most of the time. The
+    task-map probes are saved beside the model (`TASK_MAP_PROBES`), for `benchmarks/task_map_auc.py`."""
     model, processor = small_model_and_processor(seed=seed)
     num_tasks = len(synthetic.TASKS)
     probes = PretrainingProbes(model.config, num_tasks, args.task_probe_weight)
@@ -165,6 +167,11 @@ def pretrain(world: Path, output: Path, args, seed: int) -> None:
     watching_layer.remove()
     model.eval().save_pretrained(output)
     processor.save_pretrained(output)
+    probe_states = {
+        name: {"layer": probe.layer, "weights": probe.state_dict()}
+        for name, probe in (("neck", map_probe), ("layer", layer_map_probe))
+    }
+    torch.save(probe_states, output / TASK_MAP_PROBES)
 
 
 STAGE2_RATES = (0.5, 0.8)
