@@ -22,8 +22,11 @@ from modeling_vltp.testing import TaskMapProbe, task_maps
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """The probability that a positive scores above a negative (ties count half): the area under the ROC curve."""
+    """The probability that a positive scores above a negative (ties count half): the area under the ROC curve; NaN
+    when `labels` are all of one class."""
     positives, negatives = scores[labels], scores[~labels].sort().values
+    if len(positives) == 0 or len(negatives) == 0:
+        return float("nan")
     below = torch.searchsorted(negatives, positives, right=False)
     tied = torch.searchsorted(negatives, positives, right=True) - below
     return float((below + 0.5 * tied).sum() / (len(positives) * len(negatives)))
@@ -85,6 +88,8 @@ def main():
     parser.add_argument("--images", type=int, default=60, help="images of each split (the first ones)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.images < 1:
+        parser.error(f"--images must be at least 1, got {args.images}")
     if not (args.model / TASK_MAP_PROBES).exists():
         parser.error(f"{args.model} has no {TASK_MAP_PROBES}: pretrain it with benchmarks/learn_synthetic.py")
     names = [task.name for task in synthetic.TASKS]
