@@ -32,22 +32,18 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((below + 0.5 * tied).sum() / (len(positives) * len(negatives)))
 
 
-def image_features(model, pixels: torch.Tensor, probes: dict, batch_size: int = 20) -> dict:
-    """Each probe's feature map (N, C, grid, grid) of every image of `pixels`, from one dense ViT pass per image."""
-    encoder = model.vision_model.vision_encoder
-    kept = {name: [] for name in probes}
-    hooks = []
-    for name, probe in probes.items():
-        module = encoder.neck if probe.layer is None else encoder.layers[probe.layer]
-        # The neck gives (N, C, grid, grid); a ViT layer (N, grid, grid, C).
-        permute = (lambda out: out) if probe.layer is None else (lambda out: out.permute(0, 3, 1, 2))
-        hooks.append(module.register_forward_hook(lambda m, i, out, name=name, f=permute: kept[name].append(f(out))))
+def probe_logits(model, pixels: torch.Tensor, probes: dict, batch_size: int = 20) -> dict:
+    """Each probe's logits (N, num_tasks, grid, grid) on every image of `pixels`, from one dense ViT pass an image."""
+    handles = [probe.watch(model) for probe in probes.values()]
+    logits = {name: [] for name in probes}
     with torch.no_grad():
         for start in range(0, len(pixels), batch_size):
             model.vision_model(pixels[start : start + batch_size], prune_rates=[0.0])
-    for hook in hooks:
-        hook.remove()
-    return {name: torch.cat(features) for name, features in kept.items()}
+            for name, probe in probes.items():
+                logits[name].append(probe.logits())
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(parts) for name, parts in logits.items()}
 
 
 def measure(model_dir: Path, world: Path, split: str, max_images: int) -> dict:
@@ -70,14 +66,12 @@ def measure(model_dir: Path, world: Path, split: str, max_images: int) -> dict:
     maps = task_maps(
         batch["masks"] > 0.5, torch.tensor(image_of_row), task_index, num_tasks, model.vision_model.grid_size
     )
-    features = image_features(model, batch["sam_pixel_values"][first_rows], probes)
+    logits = probe_logits(model, batch["sam_pixel_values"][first_rows], probes)
     objects = maps.amax(1) > 0.5  # (images, grid, grid): tokens more than half covered by some task's target
-    figures = {}
-    for name, probe in probes.items():
-        with torch.no_grad():
-            logits = probe.classifier(features[name])
-        figures[name] = [auc(logits[:, task][objects], maps[:, task][objects] > 0.5) for task in range(num_tasks)]
-    return figures
+    return {
+        name: [auc(values[:, task][objects], maps[:, task][objects] > 0.5) for task in range(num_tasks)]
+        for name, values in logits.items()
+    }
 
 
 def main():

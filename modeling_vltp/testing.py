@@ -379,16 +379,22 @@ class TaskMapProbe(nn.Module):
 
         return (encoder.neck if self.layer is None else encoder.layers[self.layer]).register_forward_hook(keep)
 
+    def logits(self) -> torch.Tensor:
+        """The probe's logits (N, num_tasks, grid, grid) on the features of the last forward of the watched model or
+        of its vision model (one per image the ViT ran on), which it uses once."""
+        features, self._features = self._features, None
+        if features is None:
+            raise RuntimeError("TaskMapProbe has no image features: call `watch(model)` before running the model")
+        return self.classifier(features)
+
     def forward(self, outputs, maps) -> torch.Tensor:
         """The probe's loss on the features of the last forward, whose output is `outputs`; `maps` (B, num_tasks,
         grid, grid): [`task_maps`] of each row's image. A batch without `[SEG]` (SAM did not run) gives 0."""
-        features, self._features = self._features, None
         rows = outputs.seg_sample_indices
         if len(rows) == 0:
+            self._features = None
             return maps.new_zeros(())
-        if features is None:
-            raise RuntimeError("TaskMapProbe has no image features: call `watch(model)` before running the model")
-        if len(features) != len(rows):
-            raise ValueError(f"The last forward made {len(features)} image features for {len(rows)} [SEG] rows")
-        logits = self.classifier(features)
+        logits = self.logits()
+        if len(logits) != len(rows):
+            raise ValueError(f"The last forward made {len(logits)} image features for {len(rows)} [SEG] rows")
         return nn.functional.binary_cross_entropy_with_logits(logits, maps[rows])

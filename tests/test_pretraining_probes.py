@@ -113,6 +113,18 @@ def test_task_map_probe_on_the_layer_the_prune_decoder_reads():
     model.vision_model(batch["sam_pixel_values"])  # another forward: three images
     with pytest.raises(ValueError, match="made 3 image features for 2 \\[SEG\\] rows"):
         probe(outputs, maps)
+
+    # Read on their own (benchmarks/task_map_auc.py), the logits of a dense pass of the vision model: one map per
+    # image, used once.
+    with torch.no_grad():
+        features = encoder(batch["sam_pixel_values"])
+        for vit_layer in encoder.layers[: layer + 1]:
+            features = vit_layer(features)
+        expected = probe.classifier(features.permute(0, 3, 1, 2))
+        model.vision_model(batch["sam_pixel_values"], prune_rates=[0.0])
+        torch.testing.assert_close(probe.logits(), expected)  # same kernels, same inputs, one process
+    with pytest.raises(RuntimeError, match="call `watch"):
+        probe.logits()
     handle.remove()
 
 
