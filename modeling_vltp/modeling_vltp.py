@@ -529,11 +529,11 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
             changes, Table 4).
         image_indices (`torch.LongTensor` of shape `(num_guidances,)`, *optional*):
             The image of `pixel_values` each guidance belongs to, for several guidances (tasks) per image. The patch
-            embedding and the dense layers before the first pruning stage do not depend on the guidance: they run once
-            per image, and their output is then repeated for each of its guidances (`index_select`); the pruned stages
-            and the neck run once per guidance, so every output has one row per guidance. Without it guidance `s`
-            belongs to image `s` (`num_guidances == batch_size`). Hidden states and attentions of the layers before
-            the first stage have one row per image.
+            embedding and the layers before the first stage that prunes (a stage at rate 0 keeps every token) do not
+            depend on the guidance: they run once per image, and their output is then repeated for each of its
+            guidances (`index_select`); from that stage on the layers run once per guidance, and every output has one
+            row per guidance. Without it guidance `s` belongs to image `s` (`num_guidances == batch_size`). Hidden
+            states and attentions of the layers that run once per image have one row per image.
         output_hidden_states (`bool` or `list[int]`, *optional*):
             As in transformers: `True` for every hidden state, or the indices of those to return (the others are
             `None`).
@@ -549,13 +549,14 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         stage_starts = list(self.config.prune_layers) if pruning else []
         boundaries = [0, *stage_starts, self.config.num_hidden_layers]
         token_scores, keep_indices, keep_probs = [], [], []
+        # One row per image until a stage prunes: what runs before does not depend on the guidance.
+        per_image = image_indices is not None
         for stage, (start, end) in enumerate(zip(boundaries[:-1], boundaries[1:])):
             layers = encoder.layers[start:end]
             kept = None
             if stage > 0:
-                if stage == 1 and image_indices is not None:
-                    hidden_states = hidden_states.index_select(0, image_indices)  # the prefix, once per guidance
-                scores = self.prune_decoder(hidden_states, guidance_embeds)
+                guided = hidden_states.index_select(0, image_indices) if per_image else hidden_states
+                scores = self.prune_decoder(guided, guidance_embeds)
                 indices, probs = select_tokens(
                     scores, self.num_kept_tokens(prune_rates[stage - 1]), self.config.prune_temperature
                 )
@@ -563,6 +564,7 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
                 keep_indices.append(indices)
                 keep_probs.append(probs)
                 if indices.shape[-1] < scores.shape[-1]:  # with every token kept the stage runs densely
+                    hidden_states, per_image = guided, False
                     kept = self._kept_tokens(indices, hidden_states.dtype)
             stage_input = hidden_states
             for layer in layers:
@@ -572,10 +574,11 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
                 gate = _straight_through_gate(keep_probs[-1]).view(*hidden_states.shape[:-1], 1)
                 hidden_states = hidden_states * gate + stage_input * (1 - gate)
 
-        if not pruning and image_indices is not None:
-            hidden_states = hidden_states.index_select(0, image_indices)
+        image_embeddings = encoder.neck(hidden_states)
+        if per_image:
+            image_embeddings = image_embeddings.index_select(0, image_indices)
         return VLTPVisionOutput(
-            last_hidden_state=encoder.neck(hidden_states),
+            last_hidden_state=image_embeddings,
             token_scores=tuple(token_scores) if pruning else None,
             keep_indices=tuple(keep_indices) if pruning else None,
             keep_probs=tuple(keep_probs) if pruning else None,
@@ -1119,10 +1122,11 @@ class VLTPForTaskSegmentation(VLTPSamModel):
         With `share_image_work` (the default) the work that does not depend on the task is done once per image: CLIP
         and the projector, LLaVA's prefill of the prompt up to the last image token (each task continues from that KV
         cache; the prompt template must put the question after the image, else only the SAM side is shared), and
-        SAM's dense layers before the first pruning stage. `False` runs every (image, task) on its own, for
-        debugging; both give the same results up to float rounding. `max_batch_rows` caps the number of
-        (image, task) rows per forward pass, to bound memory: the rows run in chunks of at most that many, in order
-        (an image whose tasks span two chunks is encoded in both). Extra keyword arguments go to `generate`.
+        SAM's ViT layers before the first stage that prunes (at rate 0, the whole ViT). `False` runs every
+        (image, task) on its own, for debugging; both give the same results up to float rounding. `max_batch_rows`
+        caps the number of (image, task) rows per forward pass, to bound memory: the rows run in chunks of at most
+        that many, in order (an image whose tasks span two chunks is encoded in both). Extra keyword arguments go to
+        `generate`.
         """
         pairs = self._check_segment_arguments(
             images, tasks, prune_rates, max_new_tokens, max_batch_rows, min_score, generate_kwargs

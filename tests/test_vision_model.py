@@ -252,7 +252,7 @@ def test_images_in_a_batch_are_pruned_independently():
     assert relative_error(single.last_hidden_state[0], batched.last_hidden_state[1]) <= 1e-5
 
 
-# --- several guidances per image: the dense prefix runs once per image -----------------------------------------------
+# --- several guidances per image: layers run once per image until a stage prunes -------------------------------------
 
 
 # Images 0, 1, 2 carry 2, 1 and 3 guidances, listed out of order.
@@ -282,16 +282,34 @@ def test_shared_prefix_equals_one_copy_of_the_image_per_guidance(rates):
     assert not torch.equal(shared.keep_indices[1][0], shared.keep_indices[1][3])
 
 
-def test_shared_prefix_runs_the_prefix_once_per_image():
+@pytest.mark.parametrize(
+    "rates, rows_per_layer",
+    [
+        (None, [3, 3, 6, 6, 6, 6]),  # the config's rates: the prefix (layers 1-2) once per image
+        ([0.0, 0.8], [3, 3, 3, 3, 6, 6]),  # a stage at rate 0 keeps every token, so it runs once per image too
+        ([0.0, 0.0], [3] * 6),  # the dense model: the whole ViT and the neck once per image
+    ],
+)
+def test_layers_run_once_per_image_until_a_stage_prunes(rates, rows_per_layer):
+    """The rows each layer and the neck see: one per image until the first stage that prunes, then one per guidance.
+    The output has one row per guidance either way."""
     model = tiny_model()
     pixel_values, _ = inputs(batch_size=3)
     guidance = torch.randn(len(IMAGE_INDICES), GUIDANCE_DIM)
     rows = []
-    handle = model.vision_encoder.layers[0].register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    encoder = model.vision_encoder
+    handles = [
+        module.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+        for module in (*encoder.layers, encoder.neck)
+    ]
     with torch.no_grad():
-        model(pixel_values, guidance_embeds=guidance, image_indices=torch.tensor(IMAGE_INDICES))
-    handle.remove()
-    assert rows == [3]
+        output = model(
+            pixel_values, guidance_embeds=guidance, prune_rates=rates, image_indices=torch.tensor(IMAGE_INDICES)
+        )
+    for handle in handles:
+        handle.remove()
+    assert rows == rows_per_layer + [rows_per_layer[-1]]
+    assert output.last_hidden_state.shape[0] == len(IMAGE_INDICES)
 
 
 def test_image_indices_without_pruning_give_one_row_per_guidance():
