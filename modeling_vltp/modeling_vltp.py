@@ -458,6 +458,20 @@ class VLTPSamVisionEncoder(SamVisionEncoder):
         return hidden_states if self.pos_embed is None else hidden_states + self.pos_embed
 
 
+def _check_image_indices(image_indices: torch.Tensor, num_images: int, row: str, images: str) -> None:
+    """Refuse `image_indices` that is not one integer per `row` naming one of the `num_images` images of `images`."""
+    if image_indices.dim() != 1 or image_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"image_indices must be a 1-D integer tensor (one image index per {row}), got dtype "
+            f"{image_indices.dtype} and shape {tuple(image_indices.shape)}."
+        )
+    if _can_read_values(image_indices) and ((image_indices < 0) | (image_indices >= num_images)).any():
+        raise ValueError(
+            f"image_indices must be in [0, {num_images - 1}] (one of the {num_images} images of {images}), got "
+            f"values from {image_indices.min().item()} to {image_indices.max().item()}."
+        )
+
+
 def _can_read_values(tensor: torch.Tensor) -> bool:
     """Whether input checks may read `tensor`'s values: not on the meta device (there are none), and not while
     `torch.compile` traces (a graph cannot branch on them)."""
@@ -597,16 +611,7 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
         if image_indices is not None:
             if guidance_embeds is None:
                 raise ValueError("image_indices maps guidances to images, so it needs guidance_embeds.")
-            if image_indices.dim() != 1 or image_indices.dtype not in (torch.int32, torch.int64):
-                raise ValueError(
-                    f"image_indices must be a 1-D integer tensor (one image index per guidance), got dtype "
-                    f"{image_indices.dtype} and shape {tuple(image_indices.shape)}."
-                )
-            if _can_read_values(image_indices) and ((image_indices < 0) | (image_indices >= num_images)).any():
-                raise ValueError(
-                    f"image_indices must be in [0, {num_images - 1}] (one of the {num_images} images of "
-                    f"pixel_values), got values from {image_indices.min().item()} to {image_indices.max().item()}."
-                )
+            _check_image_indices(image_indices, num_images, "guidance", "pixel_values")
         if guidance_embeds is not None:
             if image_indices is None:
                 expected_guidance, rows = (num_images, config.guidance_dim), "one guidance per image"
@@ -1021,6 +1026,7 @@ class VLTPForTaskSegmentation(VLTPSamModel):
         reshaped_input_sizes: torch.LongTensor | None = None,
         original_sizes: torch.LongTensor | None = None,
         prune_rates: list[float] | None = None,
+        image_indices: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -1031,16 +1037,22 @@ class VLTPForTaskSegmentation(VLTPSamModel):
             LLaVA's inputs as [`VLTPProcessor`] prepares them (`pixel_values` for CLIP; `labels` -100 except on the
             answer).
         sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
-            The same images prepared for SAM.
+            The same images prepared for SAM; with `image_indices`, each image once, `(num_images, 3, image_size,
+            image_size)`.
         masks (`torch.FloatTensor` of shape `(batch_size, image_size, image_size)`, *optional*):
             Target masks in SAM's input frame (0/1, zero padding); every `[SEG]` of a sample is trained towards its
             sample's mask.
         reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
-            The unpadded (height, width) of each image in SAM's frame: the mask losses only count those pixels.
+            The unpadded (height, width) of each image in SAM's frame: the mask losses only count those pixels. One
+            per image of `sam_pixel_values`.
         original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
             Not used here (`post_process_masks` needs it); accepted so that a processor's whole output can be passed.
         prune_rates (`list[float]`, *optional*):
             Override the vision config's pruning rates for this call.
+        image_indices (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            The image of `sam_pixel_values` each sample asks about, for batches holding several tasks of one image:
+            SAM's ViT then runs once per image up to the first stage that prunes (see
+            [`VLTPSamVisionModel.forward`]). Without it sample `b` has image `b`.
         output_hidden_states, output_attentions (`bool`, *optional*):
             Return LLaVA's language-model hidden states / attention weights (see [`VLTPTaskSegmentationOutput`]).
         kwargs:
@@ -1060,11 +1072,17 @@ class VLTPForTaskSegmentation(VLTPSamModel):
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         batch_size = input_ids.shape[0]
-        for name, value in (("sam_pixel_values", sam_pixel_values), ("masks", masks)):
-            if value is not None and value.shape[0] != batch_size:
-                raise ValueError(f"{name} has batch size {value.shape[0]} but input_ids has {batch_size}.")
         if sam_pixel_values is None:
             raise ValueError("sam_pixel_values are required: the images as SAM's image processor prepares them.")
+        per_sample = [("masks", masks)]
+        if image_indices is None:
+            per_sample.append(("sam_pixel_values", sam_pixel_values))
+        else:
+            per_sample.append(("image_indices", image_indices))
+            _check_image_indices(image_indices, len(sam_pixel_values), "sample", "sam_pixel_values")
+        for name, value in per_sample:
+            if value is not None and value.shape[0] != batch_size:
+                raise ValueError(f"{name} has batch size {value.shape[0]} but input_ids has {batch_size}.")
         image_size = self.config.vision_config.image_size
         if masks is not None and tuple(masks.shape[1:]) != (image_size, image_size):
             raise ValueError(
@@ -1079,11 +1097,13 @@ class VLTPForTaskSegmentation(VLTPSamModel):
             llm.hidden_states = None
         losses = {"lm_loss": llm.loss}
         if len(samples) > 0:
-            # Several [SEG] of one sample share its image: SAM's dense layers run once per image.
-            pred_masks, iou_scores, vision = self._decode_by_image(sam_pixel_values, seg_embeds, samples, prune_rates)
+            # The [SEG] of one image (of one sample, or of the samples `image_indices` gives it) share its dense
+            # layers: they run once per image.
+            images = samples if image_indices is None else image_indices[samples]
+            pred_masks, iou_scores, vision = self._decode_by_image(sam_pixel_values, seg_embeds, images, prune_rates)
             if masks is not None:
                 losses.update(
-                    self._mask_losses(pred_masks, iou_scores, vision, masks[samples], reshaped_input_sizes, samples)
+                    self._mask_losses(pred_masks, iou_scores, vision, masks[samples], reshaped_input_sizes, images)
                 )
         else:  # no [SEG] in the batch: no mask to predict, and nothing for the mask losses
             mask_size = 4 * self.config.prompt_encoder_config.image_embedding_size

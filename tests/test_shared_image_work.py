@@ -172,3 +172,35 @@ def test_sam_model_takes_several_tasks_per_image():
     assert grouped.seg_sample_indices.tolist() == [1, 0, 1]
     assert torch.allclose(grouped.pred_masks, copies.pred_masks, rtol=1e-5, atol=1e-5)
     assert grouped.loss.item() == pytest.approx(copies.loss.item(), rel=1e-5)
+
+
+def test_forward_with_image_indices_matches_a_copy_of_the_image_per_sample():
+    """Two samples ask about one image: with `image_indices` its SAM pixels come once and the ViT's first layer sees
+    one row; the loss (LM, mask and IoU parts), masks and IoUs are those of the batch holding a copy of the image per
+    sample (float32 rounding only, as above). Malformed indices are refused."""
+    model, processor = tiny_model_and_processor()
+    batch = training_batch(processor, answers=["Sure, it is [SEG].", "It is [SEG]."])
+    for name in ("sam_pixel_values", "reshaped_input_sizes"):
+        batch[name][1] = batch[name][0]  # both samples ask about the first image
+    grouped = dict(batch, image_indices=torch.tensor([0, 0]))
+    for name in ("sam_pixel_values", "reshaped_input_sizes", "original_sizes"):
+        grouped[name] = batch[name][:1]
+    rows = []
+    hook = model.vision_model.vision_encoder.layers[0].register_forward_hook(
+        lambda m, args, out: rows.append(args[0].shape[0])
+    )
+    try:
+        with torch.no_grad():
+            shared = model(**grouped)
+            copies = model(**batch)
+    finally:
+        hook.remove()
+    assert rows == [1, 2]
+    assert torch.allclose(shared.pred_masks, copies.pred_masks, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(shared.iou_scores, copies.iou_scores, atol=IOU_TOLERANCE)
+    for part in ("loss", "lm_loss", "mask_bce_loss", "mask_dice_loss", "iou_loss"):
+        assert getattr(shared, part).item() == pytest.approx(getattr(copies, part).item(), rel=1e-5, abs=1e-7)
+    with pytest.raises(ValueError, match=r"image_indices must be in \[0, 0\]"):
+        model(**dict(grouped, image_indices=torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="image_indices has batch size 3"):
+        model(**dict(grouped, image_indices=torch.tensor([0, 0, 0])))
