@@ -352,8 +352,8 @@ class TaskMapProbe(nn.Module):
     those tasks. On the layer the prune decoder reads (`layer = prune_layers[0] - 1`) it stands in for the middle
     layers of a pretrained ViT-H, where the paper prunes: features that already tell the objects apart.
 
-    [`watch`] hooks the probe onto the model; every forward then keeps the features, one per row with a `[SEG]`, for
-    the next call of the probe, which uses them once.
+    [`watch`] hooks the probe onto the model; every forward then keeps the features (one per row with a `[SEG]`, or per
+    image with `image_indices`, see `forward`) for the next call of the probe, which uses them once.
     """
 
     def __init__(self, config: VLTPConfig, num_tasks: int, layer: int | None = None):
@@ -365,6 +365,7 @@ class TaskMapProbe(nn.Module):
                 f"got {layer}"
             )
         self.layer = layer
+        self.num_tokens = (vision.image_size // vision.patch_size) ** 2
         channels = vision.output_channels if layer is None else vision.hidden_size
         self.classifier = nn.Conv2d(channels, num_tasks, 1)
         self._features = None
@@ -387,14 +388,25 @@ class TaskMapProbe(nn.Module):
             raise RuntimeError("TaskMapProbe has no image features: call `watch(model)` before running the model")
         return self.classifier(features)
 
-    def forward(self, outputs, maps) -> torch.Tensor:
-        """The probe's loss on the features of the last forward, whose output is `outputs`; `maps` (B, num_tasks,
-        grid, grid): [`task_maps`] of each row's image. A batch without `[SEG]` (SAM did not run) gives 0."""
+    def forward(self, outputs, maps, image_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The probe's loss on the features of the last forward, whose output is `outputs`. `maps` (B, num_tasks,
+        grid, grid): [`task_maps`] of each row's image, or with the forward's `image_indices` (one image per row) of
+        each image it was given. A batch without `[SEG]` (SAM did not run) gives 0.
+
+        The features are one per `[SEG]` row, or with `image_indices` one per image of those rows (in index order)
+        where the probed layer ran once per image: always before the first pruning stage, and on the neck when no
+        stage pruned."""
         rows = outputs.seg_sample_indices
         if len(rows) == 0:
             self._features = None
             return maps.new_zeros(())
         logits = self.logits()
-        if len(logits) != len(rows):
-            raise ValueError(f"The last forward made {len(logits)} image features for {len(rows)} [SEG] rows")
-        return nn.functional.binary_cross_entropy_with_logits(logits, maps[rows])
+        if image_indices is None:
+            targets = maps[rows]
+        else:
+            images = image_indices[rows]
+            pruned = any(kept.shape[-1] < self.num_tokens for kept in outputs.keep_indices or ())
+            targets = maps[images.unique()] if self.layer is not None or not pruned else maps[images]
+        if len(logits) != len(targets):
+            raise ValueError(f"The last forward made {len(logits)} image features for {len(targets)} task maps")
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)

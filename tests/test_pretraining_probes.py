@@ -66,7 +66,7 @@ def test_task_map_probe_scores_the_embeddings_the_model_produced():
 
     # Embeddings of another forward than the one whose output is given (here the SAM side alone, on all three rows).
     model.vision_model(batch["sam_pixel_values"])
-    with pytest.raises(ValueError, match="made 3 image features for 2 \\[SEG\\] rows"):
+    with pytest.raises(ValueError, match="made 3 image features for 2 task maps"):
         probe(outputs, maps)
 
     # A batch without [SEG] runs no SAM side: no loss, and the embeddings kept from the batch before are dropped, so
@@ -111,7 +111,7 @@ def test_task_map_probe_on_the_layer_the_prune_decoder_reads():
     assert encoder.layers[layer + 1].mlp.lin2.weight.grad is None
 
     model.vision_model(batch["sam_pixel_values"])  # another forward: three images
-    with pytest.raises(ValueError, match="made 3 image features for 2 \\[SEG\\] rows"):
+    with pytest.raises(ValueError, match="made 3 image features for 2 task maps"):
         probe(outputs, maps)
 
     # Read on their own (benchmarks/task_map_auc.py), the logits of a dense pass of the vision model: one map per
@@ -126,6 +126,36 @@ def test_task_map_probe_on_the_layer_the_prune_decoder_reads():
     with pytest.raises(RuntimeError, match="call `watch"):
         probe.logits()
     handle.remove()
+
+
+@pytest.mark.parametrize("on_layer", [False, True], ids=["neck", "layer"])
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_task_map_probe_pairs_features_with_their_image_under_image_indices(on_layer, rate):
+    """Rows 0 and 2 ask about one image (`image_indices` [0, 1, 0]). The probed layer ran once per image where no
+    stage before it pruned (the prune decoder's layer always, the neck at rate 0), else once per `[SEG]` row; either
+    way the probe pairs each feature with its image's map: the loss is that of the ungrouped rows of the distinct
+    images (rows 0 and 1), or of every row when they ran per row (float32 rounding of other row counts, as in
+    tests/test_shared_image_work.py)."""
+    model, processor = tiny_model_and_processor()
+    layer = model.config.vision_config.prune_layers[0] - 1 if on_layer else None
+    probe = TaskMapProbe(model.config, num_tasks=3, layer=layer)
+    batch = _batch(processor, ["It is [SEG].", "Sure, [SEG].", "Sure, [SEG]."])
+    for name in ("sam_pixel_values", "reshaped_input_sizes", "original_sizes"):
+        batch[name][2] = batch[name][0]
+    image_of_row = torch.tensor([0, 1, 0])
+    maps = task_maps(batch["masks"], image_of_row, torch.arange(3), 3, model.vision_model.grid_size)
+    grouped = dict(batch, image_indices=image_of_row)
+    for name in ("sam_pixel_values", "reshaped_input_sizes", "original_sizes"):
+        grouped[name] = batch[name][:2]
+    rows = [0, 1] if on_layer or rate == 0.0 else [0, 1, 2]
+    handle = probe.watch(model)
+    with torch.no_grad():
+        shared = probe(model(**grouped, prune_rates=[rate]), maps, image_of_row)
+        copies = probe(
+            model(**{name: value[rows] for name, value in batch.items()}, prune_rates=[rate]), maps[image_of_row[rows]]
+        )
+    handle.remove()
+    assert shared.item() == pytest.approx(copies.item(), rel=1e-5)
 
 
 def test_pretraining_probes_weigh_the_task_probe_and_leave_it_out_at_zero():
