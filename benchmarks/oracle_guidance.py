@@ -30,7 +30,7 @@ from modeling_vltp.data import LISA_ANSWERS, VLTPDataCollator, load_rio, synthet
 from modeling_vltp.testing import TaskMapProbe, small_model_and_processor, task_maps
 
 
-def rows_with_target(world: Path, split: str, num_images: int, seed: int, processor) -> dict:
+def generated_rows_with_target(world: Path, split: str, num_images: int, seed: int, processor) -> dict:
     """SAM's pixels once per image, and per row with a non-empty target: its image (`image_of_row`), its task's
     index in `synthetic.TASKS` and its target (boolean, SAM's frame), for `num_images` generated images with all
     the world's tasks."""
@@ -89,8 +89,8 @@ def main():
         full_model.save_pretrained(folder)
         model = VLTPSamModel.from_pretrained(folder)  # the SAM side alone, initialised as the small system is
     out = Path(args.out)
-    train = rows_with_target(out / "train", "train", args.train_images, 2 * args.seed, processor)
-    held_out = rows_with_target(out / "held_out", "common", args.eval_images, 2 * args.seed + 1, processor)
+    train = generated_rows_with_target(out / "train", "train", args.train_images, 2 * args.seed, processor)
+    held_out = generated_rows_with_target(out / "held_out", "common", args.eval_images, 2 * args.seed + 1, processor)
     low_resolution = 4 * model.vision_model.grid_size  # SAM's mask decoder upscales the embedding grid 4 times
     targets = held_out["masks"][:, None].float()
     pooled = nn.functional.adaptive_avg_pool2d(targets, low_resolution)

@@ -458,16 +458,16 @@ class VLTPSamVisionEncoder(SamVisionEncoder):
         return hidden_states if self.pos_embed is None else hidden_states + self.pos_embed
 
 
-def _check_image_indices(image_indices: torch.Tensor, num_images: int, row: str, images: str) -> None:
-    """Refuse `image_indices` that is not one integer per `row` naming one of the `num_images` images of `images`."""
+def _check_image_indices(image_indices: torch.Tensor, num_images: int, per: str, source: str) -> None:
+    """Refuse `image_indices` that is not one integer per `per` naming one of the `num_images` images of `source`."""
     if image_indices.dim() != 1 or image_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"image_indices must be a 1-D integer tensor (one image index per {row}), got dtype "
+            f"image_indices must be a 1-D integer tensor (one image index per {per}), got dtype "
             f"{image_indices.dtype} and shape {tuple(image_indices.shape)}."
         )
     if _can_read_values(image_indices) and ((image_indices < 0) | (image_indices >= num_images)).any():
         raise ValueError(
-            f"image_indices must be in [0, {num_images - 1}] (one of the {num_images} images of {images}), got "
+            f"image_indices must be in [0, {num_images - 1}] (one of the {num_images} images of {source}), got "
             f"values from {image_indices.min().item()} to {image_indices.max().item()}."
         )
 
@@ -569,6 +569,7 @@ class VLTPSamVisionModel(VLTPPreTrainedModel):
             layers = encoder.layers[start:end]
             kept = None
             if stage > 0:
+                # The prune decoder scores every guidance's tokens, even where the stage then keeps them all.
                 guided = hidden_states.index_select(0, image_indices) if per_image else hidden_states
                 scores = self.prune_decoder(guided, guidance_embeds)
                 indices, probs = select_tokens(
@@ -866,9 +867,9 @@ class VLTPSamModel(VLTPPreTrainedModel):
         self, sam_pixel_values: torch.Tensor, seg_embeds: torch.Tensor, prune_rates=None, image_indices=None
     ) -> tuple[torch.Tensor, torch.Tensor, VLTPVisionOutput]:
         """One mask per guidance: the pruned ViT guided by `seg_embeds` (S, d), then SAM's mask decoder prompted by
-        them. `image_indices` (S,) names the image of `sam_pixel_values` each guidance belongs to (the ViT's dense
-        prefix then runs once per image); without it there is one image per guidance. Returns low-resolution mask
-        logits (S, h, w), predicted IoUs (S,) and the vision output."""
+        them. `image_indices` (S,) names the image of `sam_pixel_values` each guidance belongs to (the ViT's layers
+        before the first stage that prunes then run once per image); without it there is one image per guidance.
+        Returns low-resolution mask logits (S, h, w), predicted IoUs (S,) and the vision output."""
         vision = self.vision_model(
             sam_pixel_values, guidance_embeds=seg_embeds, prune_rates=prune_rates, image_indices=image_indices
         )
@@ -1043,8 +1044,8 @@ class VLTPForTaskSegmentation(VLTPSamModel):
             Target masks in SAM's input frame (0/1, zero padding); every `[SEG]` of a sample is trained towards its
             sample's mask.
         reshaped_input_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
-            The unpadded (height, width) of each image in SAM's frame: the mask losses only count those pixels. One
-            per image of `sam_pixel_values`.
+            The unpadded (height, width) of each image in SAM's frame: the mask losses only count those pixels. With
+            `image_indices`, one per image of `sam_pixel_values`, `(num_images, 2)`.
         original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
             Not used here (`post_process_masks` needs it); accepted so that a processor's whole output can be passed.
         prune_rates (`list[float]`, *optional*):
@@ -1080,6 +1081,11 @@ class VLTPForTaskSegmentation(VLTPSamModel):
         else:
             per_sample.append(("image_indices", image_indices))
             _check_image_indices(image_indices, len(sam_pixel_values), "sample", "sam_pixel_values")
+            if reshaped_input_sizes is not None and len(reshaped_input_sizes) != len(sam_pixel_values):
+                raise ValueError(
+                    f"With image_indices, reshaped_input_sizes gives each image of sam_pixel_values its size: "
+                    f"{len(sam_pixel_values)} rows, got {len(reshaped_input_sizes)}."
+                )
         for name, value in per_sample:
             if value is not None and value.shape[0] != batch_size:
                 raise ValueError(f"{name} has batch size {value.shape[0]} but input_ids has {batch_size}.")

@@ -393,20 +393,17 @@ class TaskMapProbe(nn.Module):
         grid, grid): [`task_maps`] of each row's image, or with the forward's `image_indices` (one image per row) of
         each image it was given. A batch without `[SEG]` (SAM did not run) gives 0.
 
-        The features are one per `[SEG]` row, or with `image_indices` one per image of those rows (in index order)
-        where the probed layer ran once per image: always before the first pruning stage, and on the neck when no
-        stage pruned."""
+        The features are one per image of the `[SEG]` rows (a row, without `image_indices`), in index order, where
+        the probed layer ran once per image: always before the first pruning stage, and on the neck when no stage
+        pruned; else one per `[SEG]`."""
         rows = outputs.seg_sample_indices
         if len(rows) == 0:
             self._features = None
             return maps.new_zeros(())
         logits = self.logits()
-        if image_indices is None:
-            targets = maps[rows]
-        else:
-            images = image_indices[rows]
-            pruned = any(kept.shape[-1] < self.num_tokens for kept in outputs.keep_indices or ())
-            targets = maps[images.unique()] if self.layer is not None or not pruned else maps[images]
+        images = rows if image_indices is None else image_indices[rows]
+        pruned = any(kept.shape[-1] < self.num_tokens for kept in outputs.keep_indices or ())
+        targets = maps[images.unique()] if self.layer is not None or not pruned else maps[images]
         if len(logits) != len(targets):
             raise ValueError(f"The last forward made {len(logits)} image features for {len(targets)} task maps")
         return nn.functional.binary_cross_entropy_with_logits(logits, targets)

@@ -158,6 +158,25 @@ def test_task_map_probe_pairs_features_with_their_image_under_image_indices(on_l
     assert shared.item() == pytest.approx(copies.item(), rel=1e-5)
 
 
+def test_task_map_probe_pairs_a_row_with_two_seg_with_its_one_image():
+    """A row with two `[SEG]` (the model reads any number): at rate 0 the neck ran once for that row's image, so the
+    probe pairs one feature with that image's map, as for a dense pass of the vision model over the two images."""
+    model, processor = tiny_model_and_processor()
+    batch = _batch(processor, ["Sure, it is [SEG].", "It is [SEG]."])
+    batch["input_ids"][0, (batch["labels"][0] != -100).nonzero()[0, 0]] = processor.seg_token_id
+    maps = task_maps(batch["masks"], torch.arange(2), torch.arange(2), 3, model.vision_model.grid_size)
+    probe = TaskMapProbe(model.config, num_tasks=3)
+    handle = probe.watch(model)
+    with torch.no_grad():
+        outputs = model(**batch, prune_rates=[0.0])
+        loss = probe(outputs, maps)
+        dense = model.vision_model(batch["sam_pixel_values"]).last_hidden_state
+    handle.remove()
+    assert outputs.seg_sample_indices.tolist() == [0, 0, 1]
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(probe.classifier(dense), maps)
+    torch.testing.assert_close(loss, expected)  # the same operations on the same two images, one process
+
+
 def test_pretraining_probes_weigh_the_task_probe_and_leave_it_out_at_zero():
     model, processor = tiny_model_and_processor()
     batch = _batch(processor, ["Sure, [SEG].", "Nothing here fits.", "It is [SEG]."])

@@ -204,3 +204,29 @@ def test_forward_with_image_indices_matches_a_copy_of_the_image_per_sample():
         model(**dict(grouped, image_indices=torch.tensor([0, 1])))
     with pytest.raises(ValueError, match="image_indices has batch size 3"):
         model(**dict(grouped, image_indices=torch.tensor([0, 0, 0])))
+
+
+@pytest.mark.parametrize("rates", [[0.0], [0.5]])
+def test_image_indices_give_the_gradients_of_a_copy_of_the_image_per_sample(rates):
+    """Training through the shared path: at rate 0 the whole ViT runs once per image, at 0.5 the prefix does and the
+    straight-through gate of the pruned stage carries the prune decoder's gradient. The gradients equal those of the
+    batch holding a copy of the image per sample, to float32 rounding of other row counts (1e-5 of the largest)."""
+    gradients = []
+    for grouped in (True, False):
+        model, processor = tiny_model_and_processor()
+        model.train()
+        batch = training_batch(processor, answers=["Sure, it is [SEG].", "It is [SEG]."])
+        for name in ("sam_pixel_values", "reshaped_input_sizes"):
+            batch[name][1] = batch[name][0]
+        if grouped:
+            batch = dict(batch, image_indices=torch.tensor([0, 0]))
+            for name in ("sam_pixel_values", "reshaped_input_sizes", "original_sizes"):
+                batch[name] = batch[name][:1]
+        model(**batch, prune_rates=rates).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    shared, copies = gradients
+    assert shared.keys() == copies.keys()
+    assert any("prune_decoder" in name for name in shared)  # L_P reaches it at any rate, the gate too at 0.5
+    for name, gradient in copies.items():
+        scale = gradient.abs().max().clamp(min=1e-12)
+        assert (shared[name] - gradient).abs().max() <= 1e-5 * scale, name
