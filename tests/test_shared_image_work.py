@@ -204,6 +204,8 @@ def test_forward_with_image_indices_matches_a_copy_of_the_image_per_sample():
         model(**dict(grouped, image_indices=torch.tensor([0, 1])))
     with pytest.raises(ValueError, match="image_indices has batch size 3"):
         model(**dict(grouped, image_indices=torch.tensor([0, 0, 0])))
+    with pytest.raises(ValueError, match="reshaped_input_sizes gives each image of sam_pixel_values its size: 1 rows"):
+        model(**dict(grouped, reshaped_input_sizes=batch["reshaped_input_sizes"]))  # one per sample
 
 
 @pytest.mark.parametrize("rates", [[0.0], [0.5]])
