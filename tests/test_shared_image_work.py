@@ -212,7 +212,9 @@ def test_forward_with_image_indices_matches_a_copy_of_the_image_per_sample():
 def test_image_indices_give_the_gradients_of_a_copy_of_the_image_per_sample(rates):
     """Training through the shared path: at rate 0 the whole ViT runs once per image, at 0.5 the prefix does and the
     straight-through gate of the pruned stage carries the prune decoder's gradient. The gradients equal those of the
-    batch holding a copy of the image per sample, to float32 rounding of other row counts (1e-5 of the largest)."""
+    batch holding a copy of the image per sample, to float32 rounding of other row counts: within 1e-5 of the largest
+    gradient of any parameter (not of each parameter's own: an attention key bias's exact gradient is 0, since softmax
+    ignores a shift shared by a query's logits, so what is computed for it is rounding noise of about 1e-10)."""
     gradients = []
     for grouped in (True, False):
         model, processor = tiny_model_and_processor()
@@ -229,6 +231,6 @@ def test_image_indices_give_the_gradients_of_a_copy_of_the_image_per_sample(rate
     shared, copies = gradients
     assert shared.keys() == copies.keys()
     assert any("prune_decoder" in name for name in shared)  # L_P reaches it at any rate, the gate too at 0.5
+    scale = max(gradient.abs().max() for gradient in copies.values())
     for name, gradient in copies.items():
-        scale = gradient.abs().max().clamp(min=1e-12)
         assert (shared[name] - gradient).abs().max() <= 1e-5 * scale, name
