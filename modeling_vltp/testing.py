@@ -365,7 +365,6 @@ class TaskMapProbe(nn.Module):
                 f"got {layer}"
             )
         self.layer = layer
-        self.num_tokens = (vision.image_size // vision.patch_size) ** 2
         channels = vision.output_channels if layer is None else vision.hidden_size
         self.classifier = nn.Conv2d(channels, num_tasks, 1)
         self._features = None
@@ -402,7 +401,8 @@ class TaskMapProbe(nn.Module):
             return maps.new_zeros(())
         logits = self.logits()
         images = rows if image_indices is None else image_indices[rows]
-        pruned = any(kept.shape[-1] < self.num_tokens for kept in outputs.keep_indices or ())
+        stages = zip(outputs.keep_indices or (), outputs.token_scores or ())
+        pruned = any(kept.shape[-1] < scores.shape[-1] for kept, scores in stages)  # some stage kept fewer tokens
         targets = maps[images.unique()] if self.layer is not None or not pruned else maps[images]
         if len(logits) != len(targets):
             raise ValueError(f"The last forward made {len(logits)} image features for {len(targets)} task maps")

@@ -174,17 +174,24 @@ def test_sam_model_takes_several_tasks_per_image():
     assert grouped.loss.item() == pytest.approx(copies.loss.item(), rel=1e-5)
 
 
+def one_image_batches(processor):
+    """Two samples asking about one image: a training batch with a copy of the image per sample, and the same batch
+    with the image once and `image_indices` [0, 0]."""
+    batch = training_batch(processor, answers=["Sure, it is [SEG].", "It is [SEG]."])
+    for name in ("sam_pixel_values", "reshaped_input_sizes"):
+        batch[name][1] = batch[name][0]
+    grouped = dict(batch, image_indices=torch.tensor([0, 0]))
+    for name in ("sam_pixel_values", "reshaped_input_sizes", "original_sizes"):
+        grouped[name] = batch[name][:1]
+    return batch, grouped
+
+
 def test_forward_with_image_indices_matches_a_copy_of_the_image_per_sample():
     """Two samples ask about one image: with `image_indices` its SAM pixels come once and the ViT's first layer sees
     one row; the loss (LM, mask and IoU parts), masks and IoUs are those of the batch holding a copy of the image per
     sample (float32 rounding only, as above). Malformed indices are refused."""
     model, processor = tiny_model_and_processor()
-    batch = training_batch(processor, answers=["Sure, it is [SEG].", "It is [SEG]."])
-    for name in ("sam_pixel_values", "reshaped_input_sizes"):
-        batch[name][1] = batch[name][0]  # both samples ask about the first image
-    grouped = dict(batch, image_indices=torch.tensor([0, 0]))
-    for name in ("sam_pixel_values", "reshaped_input_sizes", "original_sizes"):
-        grouped[name] = batch[name][:1]
+    batch, grouped = one_image_batches(processor)
     rows = []
     hook = model.vision_model.vision_encoder.layers[0].register_forward_hook(
         lambda m, args, out: rows.append(args[0].shape[0])
@@ -216,17 +223,10 @@ def test_image_indices_give_the_gradients_of_a_copy_of_the_image_per_sample(rate
     gradient of any parameter (not of each parameter's own: an attention key bias's exact gradient is 0, since softmax
     ignores a shift shared by a query's logits, so what is computed for it is rounding noise of about 1e-10)."""
     gradients = []
-    for grouped in (True, False):
+    for which in (1, 0):  # the grouped batch, then the one with a copy per sample
         model, processor = tiny_model_and_processor()
         model.train()
-        batch = training_batch(processor, answers=["Sure, it is [SEG].", "It is [SEG]."])
-        for name in ("sam_pixel_values", "reshaped_input_sizes"):
-            batch[name][1] = batch[name][0]
-        if grouped:
-            batch = dict(batch, image_indices=torch.tensor([0, 0]))
-            for name in ("sam_pixel_values", "reshaped_input_sizes", "original_sizes"):
-                batch[name] = batch[name][:1]
-        model(**batch, prune_rates=rates).loss.backward()
+        model(**one_image_batches(processor)[which], prune_rates=rates).loss.backward()
         gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
     shared, copies = gradients
     assert shared.keys() == copies.keys()
