@@ -45,6 +45,7 @@ from modeling_vltp.data.collator import group_rows_by_image
 from modeling_vltp.testing import (
     PretrainingProbes,
     TaskMapProbe,
+    small_config,
     small_model_and_processor,
     task_maps,
     tasks_present,
@@ -133,7 +134,7 @@ def pretrain(world: Path, output: Path, args, seed: int) -> None:
     7 of 19, is the world's share of empty targets, 37%). Every training row is prepared once (one drawn answer each),
     and batches are drawn from those tensors: preparing the images batch by batch would take most of the time. The
     task-map probes are saved beside the model (`TASK_MAP_PROBES`), for `benchmarks/task_map_auc.py`."""
-    model, processor = small_model_and_processor(seed=seed)
+    model, processor = small_model_and_processor(seed=seed, prune_layers=[args.prune_layer])
     num_tasks = len(synthetic.TASKS)
     probes = PretrainingProbes(model.config, num_tasks, args.task_probe_weight)
     dataset = load_rio(world, world, "train")
@@ -308,6 +309,9 @@ def main():
         help="draw a pretraining batch's rows with a target from this many images, batch-size / images-per-step "
         "each, SAM's ViT running once per image (0: from all rows, the ViT once per row)",
     )
+    parser.add_argument(
+        "--prune-layer", type=int, default=1, help="the ViT layer after which stage 2 prunes (small_config's: 1)"
+    )
     parser.add_argument("--empty-rows", type=int, default=7, help="rows without a target in a pretraining batch")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads a seed (the tiny model is fastest on few)"
@@ -317,6 +321,10 @@ def main():
         parser.error(
             f"--images-per-step must be 0 or divide --batch-size {args.batch_size}, got {args.images_per_step}"
         )
+    try:
+        small_config(prune_layers=[args.prune_layer])
+    except ValueError as error:
+        parser.error(f"--prune-layer: {error}")
     start = time.monotonic()
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(run_seed, [args] * len(args.seeds), args.seeds))
