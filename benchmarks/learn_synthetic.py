@@ -124,6 +124,11 @@ def rows_with_target(targeted_rows: list, with_target: torch.Tensor, args, gener
     )
 
 
+def vision_overrides(args) -> dict:
+    """The fields of `small_config`'s ViT that the command line replaces."""
+    return {} if args.prune_layer is None else {"prune_layers": [args.prune_layer]}
+
+
 def pretrain(world: Path, output: Path, args, seed: int) -> None:
     """Train every weight of the small system but the prune decoder densely for `args.pretrain_steps`, on LISA's
     losses plus `args.probe_weight` times the losses of `PretrainingProbes` (its task probe weighted by
@@ -134,7 +139,7 @@ def pretrain(world: Path, output: Path, args, seed: int) -> None:
     7 of 19, is the world's share of empty targets, 37%). Every training row is prepared once (one drawn answer each),
     and batches are drawn from those tensors: preparing the images batch by batch would take most of the time. The
     task-map probes are saved beside the model (`TASK_MAP_PROBES`), for `benchmarks/task_map_auc.py`."""
-    model, processor = small_model_and_processor(seed=seed, prune_layers=[args.prune_layer])
+    model, processor = small_model_and_processor(seed=seed, **vision_overrides(args))
     num_tasks = len(synthetic.TASKS)
     probes = PretrainingProbes(model.config, num_tasks, args.task_probe_weight)
     dataset = load_rio(world, world, "train")
@@ -310,7 +315,10 @@ def main():
         "each, SAM's ViT running once per image (0: from all rows, the ViT once per row)",
     )
     parser.add_argument(
-        "--prune-layer", type=int, default=1, help="the ViT layer after which stage 2 prunes (small_config's: 1)"
+        "--prune-layer",
+        type=int,
+        default=None,
+        help="the ViT layer after which stage 2 prunes (default: small_config's)",
     )
     parser.add_argument("--empty-rows", type=int, default=7, help="rows without a target in a pretraining batch")
     parser.add_argument(
@@ -322,7 +330,7 @@ def main():
             f"--images-per-step must be 0 or divide --batch-size {args.batch_size}, got {args.images_per_step}"
         )
     try:
-        small_config(prune_layers=[args.prune_layer])
+        small_config(**vision_overrides(args))
     except ValueError as error:
         parser.error(f"--prune-layer: {error}")
     start = time.monotonic()
